@@ -147,7 +147,7 @@ class ModelConfig:
         return self.predictor.scale
 
     def to_dict(self) -> dict[str, Any]:
-        return to_jsonable(self)  # type: ignore[no-any-return]
+        return to_jsonable(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
