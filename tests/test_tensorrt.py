@@ -1,0 +1,350 @@
+"""TensorRT engines: build into a bundle, refuse a plan keyed to another machine, fp16 parity, graph replay.
+
+tensorrt-marked tests need tensorrt and a CUDA device; they skip with a reason elsewhere (tensorrt is not
+installable from PyPI). The unmarked tests run everywhere: the modules type-check against tensorrt-stubs,
+the build says why it cannot run, profiles and engine keys, and the atomic manifest update (with plan
+bytes that are not real plans: that code never parses them).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from esrdf.engines.tensorrt_build import (
+    BuiltPlan,
+    MachineIdentity,
+    TensorRTUnavailable,
+    add_plans_to_bundle,
+    build_engines_into_bundle,
+    plan_file_name,
+    profile_key,
+    rebuild_command,
+    shape_profile,
+    tensorrt_unavailable_reason,
+    timing_cache_path,
+)
+from esrdf.engines.tensorrt_engine import EngineKeyMismatch, key_mismatches, usable_entries
+from esrdf.runtime.bundle import (
+    Bundle,
+    BundleError,
+    EngineEntry,
+    EngineKey,
+    GraphEntry,
+    Manifest,
+    ScheduleEntry,
+    load_bundle,
+    write_bundle_atomically,
+    write_manifest,
+)
+from esrdf.runtime.graph_spec import ShapeProfile
+from esrdf.runtime.tolerances import FP16_GRAPH
+
+from esrdf.config import preset
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = preset("tiny")
+HERE = MachineIdentity(
+    tensorrt_version="10.13.0.35", gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0"
+)
+
+
+@pytest.fixture(scope="module")
+def photos(request) -> dict[str, np.ndarray]:
+    """The held-out photos (conftest's ``eval_photos``); on a GPU machine without scikit-image, the copy
+    that ``benchmarks/gpu_check.sh`` saved on a CPU machine (``ESRDF_TEST_PHOTOS``, an .npz)."""
+    try:
+        return request.getfixturevalue("eval_photos")
+    except ImportError as exc:
+        cached = os.environ.get("ESRDF_TEST_PHOTOS")
+        if not cached:
+            pytest.skip(f"no held-out photos: {exc}; set ESRDF_TEST_PHOTOS to a photos.npz")
+        with np.load(cached) as npz:
+            return {name: npz[name] for name in npz.files}
+
+
+def tiny_manifest(
+    graphs: list[GraphEntry] | None = None, engines: list[EngineEntry] | None = None
+) -> Manifest:
+    return Manifest(
+        format_version=1,
+        model_name="tiny",
+        scale=4,
+        channels=3,
+        hr_multiple_of=4,
+        value_range=[-1.0, 1.0],
+        schedule=ScheduleEntry(kind="linear", timesteps=3, alphas_cumprod=[0.9, 0.8, 0.7]),
+        graphs=graphs or [],
+        engines=engines or [],
+        export_info={"tile": 16, "batch": 2},
+    )
+
+
+def engine_entry(role: str, identity: MachineIdentity, profile: ShapeProfile, onnx_sha: str) -> EngineEntry:
+    key = EngineKey(
+        identity.tensorrt_version,
+        identity.gpu_name,
+        identity.compute_capability,
+        "fp16",
+        profile_key(profile),
+        onnx_sha,
+    )
+    return EngineEntry(role, "fp16", plan_file_name(role, "fp16", profile, identity), "0" * 64, key)
+
+
+# --- CPU -------------------------------------------------------------------------------------------------
+
+
+def repaired_stubs(dest: Path) -> Path:
+    """A copy of tensorrt-stubs that mypy can read: the published .pyi files name parameters ``in`` (a
+    keyword) and put defaults before non-defaults, so each such plugin method becomes ``(*args, **kwargs)``;
+    ``py.typed`` marks them typed. Nothing this project calls is among them."""
+    import tensorrt_stubs
+
+    site = Path(tensorrt_stubs.__file__).resolve().parents[1]
+    for pkg in ("tensorrt", "tensorrt_bindings"):
+        shutil.copytree(site / pkg, dest / pkg)
+        (dest / pkg / "py.typed").write_text("")
+    for stub in (dest / "tensorrt_bindings").glob("*.pyi"):
+        lines = stub.read_text().splitlines()
+        for _ in range(200):
+            try:
+                ast.parse("\n".join(lines))
+                break
+            except SyntaxError as exc:
+                i = (exc.lineno or 1) - 1
+                m = re.match(r"(\s*)def (\w+)\(.*\)( -> .*)?:\s*$", lines[i])
+                if m is None:
+                    raise
+                lines[i] = f"{m[1]}def {m[2]}(self, *args: typing.Any, **kwargs: typing.Any){m[3] or ''}:"
+        stub.write_text("\n".join(lines) + "\n")
+    return dest
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt_stubs") is None, reason="tensorrt-stubs not installed")
+def test_tensorrt_modules_type_check_against_tensorrt_stubs(tmp_path):
+    from mypy import api
+
+    stubs = repaired_stubs(tmp_path / "stubs")
+    config = tmp_path / "mypy.ini"
+    # torch is skipped (Any) to keep this fast; the project's own mypy run checks the torch side.
+    config.write_text(
+        f"[mypy]\npython_version = 3.11\nignore_missing_imports = True\ncheck_untyped_defs = True\n"
+        f"mypy_path = {stubs}\n[mypy-torch]\nfollow_imports = skip\n[mypy-torch.*]\nfollow_imports = skip\n"
+    )
+    files = [str(ROOT / "engines" / f) for f in ("tensorrt_build.py", "tensorrt_engine.py")]
+    out, err, _status = api.run(
+        ["--config-file", str(config), "--cache-dir", str(tmp_path / "cache"), *files]
+    )
+    # mypy prints paths relative to the working directory when it can
+    ours = [line for line in out.splitlines() if str(Path(line.split(":")[0]).resolve()) in files]
+    assert "tensorrt_bindings" in out or "Success" in out, out + err  # the stubs were really read
+    assert not ours, "\n".join(ours)
+
+
+def test_build_says_why_tensorrt_is_unavailable(tmp_path):
+    reason = tensorrt_unavailable_reason()
+    if reason is None:
+        pytest.skip("tensorrt and a CUDA device are present here")
+    assert "tensorrt" in reason.lower() or "cuda" in reason.lower()
+    with pytest.raises(TensorRTUnavailable, match=re.escape(reason)):
+        build_engines_into_bundle(tmp_path, tile=16, batch=2)
+
+
+def test_profiles_plan_names_and_the_rebuild_command():
+    manifest = tiny_manifest()
+    static = shape_profile(manifest, tile=16, batch=2)
+    assert (
+        static.min == static.max == {"batch": 2, "lr_height": 16, "lr_width": 16, "height": 64, "width": 64}
+    )
+    dynamic = shape_profile(manifest, tile=32, batch=8, dynamic=True)
+    assert dynamic.min["batch"] == 1 and dynamic.max["batch"] == 8 and dynamic.max["height"] == 128
+    with pytest.raises(ValueError, match="batch"):
+        shape_profile(manifest, tile=16, batch=0)
+    odd = dataclasses.replace(manifest, hr_multiple_of=16)  # LR tiles must then be multiples of 4
+    with pytest.raises(ValueError, match="multiple of 4"):
+        shape_profile(odd, tile=18, batch=1)
+    assert rebuild_command("/b", static) == "python -m esrdf.engines.tensorrt_build /b --tile 16 --batch 2"
+    assert rebuild_command("/b", dynamic).endswith("--tile 32 --batch 8 --dynamic")
+    other_gpu = dataclasses.replace(HERE, gpu_name="NVIDIA A100-SXM4-40GB", compute_capability="8.0")
+    names = {
+        plan_file_name(r, "fp16", p, i)
+        for r in ("predictor", "step")
+        for p in (static, dynamic)
+        for i in (HERE, other_gpu)
+    }
+    assert len(names) == 8 and all(n.endswith(".plan") and "/" not in n for n in names)
+    caches = {
+        timing_cache_path("/c", HERE),
+        timing_cache_path("/c", other_gpu),
+        timing_cache_path("/c", dataclasses.replace(HERE, tensorrt_version="11.0.0")),
+    }
+    assert len(caches) == 3  # never shared across GPU models, SMs or TensorRT versions
+
+
+def test_a_plan_keyed_to_another_machine_is_refused_naming_the_rebuild_command(tmp_path):
+    profile = ShapeProfile.static(2, 16, 4)
+    graph = GraphEntry("step", "fp16", "step.fp16.onnx", "a" * 64, [], [], 18)
+    good = engine_entry("step", HERE, profile, "a" * 64)
+    assert key_mismatches(good.key, HERE, "a" * 64) == []
+    other = dataclasses.replace(
+        HERE, tensorrt_version="10.8.0.43", gpu_name="NVIDIA L4", compute_capability="8.9"
+    )
+    found = key_mismatches(good.key, other, "b" * 64)
+    assert len(found) == 4 and "10.8.0.43" in found[0] and "NVIDIA L4" in found[1] and "8.9" in found[2]
+
+    bundle = Bundle(tmp_path, tiny_manifest([graph], [good]))
+    assert usable_entries(bundle, "step", "fp16", HERE) == [good]
+    with pytest.raises(EngineKeyMismatch) as info:
+        usable_entries(bundle, "step", "fp16", other)
+    assert "rebuild it with: python -m esrdf.engines.tensorrt_build" in str(info.value)
+    assert "--tile 16 --batch 2" in str(info.value) and "NVIDIA L4" in str(info.value)
+    stale_graph = Bundle(tmp_path, tiny_manifest([dataclasses.replace(graph, sha256="c" * 64)], [good]))
+    with pytest.raises(EngineKeyMismatch, match="ONNX sha256"):
+        usable_entries(stale_graph, "step", "fp16", HERE)
+    with pytest.raises(BundleError, match="no fp16 TensorRT engine for the predictor graph; build one with"):
+        usable_entries(bundle, "predictor", "fp16", HERE)
+
+
+def test_adding_plans_rewrites_the_bundle_atomically_and_keeps_other_engines(tmp_path):
+    root = tmp_path / "bundle"
+
+    def build(tmp: Path) -> None:
+        (tmp / "torch").mkdir()
+        (tmp / "torch" / "model.safetensors").write_bytes(b"weights stand-in")
+        write_manifest(tmp, tiny_manifest())
+
+    write_bundle_atomically(root, build)
+    static, dynamic = ShapeProfile.static(2, 16, 4), ShapeProfile.dynamic(4, 16, 4, 4)
+
+    def built(profile: ShapeProfile, payload: bytes) -> BuiltPlan:
+        import hashlib
+
+        entry = dataclasses.replace(
+            engine_entry("step", HERE, profile, "a" * 64), sha256=hashlib.sha256(payload).hexdigest()
+        )
+        return BuiltPlan(entry=entry, plan=payload)
+
+    add_plans_to_bundle(load_bundle(root), [built(static, b"plan one"), built(dynamic, b"plan two")])
+    add_plans_to_bundle(load_bundle(root), [built(static, b"plan one, rebuilt")])
+    bundle = load_bundle(root, verify=True)
+    files = {e.file: (root / e.file).read_bytes() for e in bundle.manifest.engines}
+    assert sorted(files.values()) == [b"plan one, rebuilt", b"plan two"]
+    assert len(list(root.glob("*.plan"))) == 2  # the superseded plan is gone
+    assert (root / "torch" / "model.safetensors").read_bytes() == b"weights stand-in"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle")]  # no temp dirs left
+
+
+# --- tensorrt --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trt_bundle(tmp_path_factory) -> Path:
+    """A tiny exported bundle (fp32 + fp16 graphs) with static b2/t16 and dynamic b1-4/t<=16 engines."""
+    import torch
+    from esrdf.export.bundle_writer import export_bundle
+
+    from esrdf.checkpoint import save_checkpoint
+    from esrdf.models.build import build_predictor, build_unet
+
+    torch.manual_seed(0)
+    predictor = build_predictor(CFG)
+    torch.nn.init.normal_(predictor.final_conv.weight, std=0.02)
+    root = tmp_path_factory.mktemp("trt")
+    save_checkpoint(root / "ckpt", CFG, predictor, build_unet(CFG))
+    bundle = export_bundle(root / "ckpt", root / "bundle", precision="both", tile=16, batch=2, progress=False)
+    build_engines_into_bundle(bundle, tile=16, batch=2, timing_cache_dir=root / "cache")
+    build_engines_into_bundle(bundle, tile=16, batch=4, dynamic=True, timing_cache_dir=root / "cache")
+    return bundle
+
+
+def photo_tiles(photo: np.ndarray, batch: int, size: int) -> np.ndarray:
+    crops = [photo[40 * b : 40 * b + size, 60 * b : 60 * b + size] for b in range(batch)]
+    return np.stack(crops).transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
+
+
+@pytest.mark.tensorrt
+def test_engines_are_built_into_the_manifest_with_this_machines_key(trt_bundle):
+    from esrdf.engines.tensorrt_build import machine_identity
+
+    bundle = load_bundle(trt_bundle, verify=True)
+    here = machine_identity()
+    assert len(bundle.manifest.engines) == 4  # 2 roles x (static, dynamic)
+    for e in bundle.manifest.engines:
+        graph = bundle.manifest.graph(e.role, "fp16")
+        assert graph is not None and e.key.onnx_sha256 == graph.sha256
+        assert (e.key.gpu_name, e.key.compute_capability) == (here.gpu_name, here.compute_capability)
+    assert list((trt_bundle.parent / "cache").glob("esrdf-timing-*.cache"))
+
+
+@pytest.mark.tensorrt
+def test_a_plan_from_another_gpu_is_refused_with_the_rebuild_command(trt_bundle, tmp_path):
+    from esrdf.engines.tensorrt_engine import TensorRTEngine
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(trt_bundle, copy)
+    manifest = load_bundle(copy).manifest
+    moved = [
+        dataclasses.replace(e, key=dataclasses.replace(e.key, gpu_name="NVIDIA GeForce GTX 1080"))
+        for e in manifest.engines
+    ]
+    write_manifest(copy, dataclasses.replace(manifest, engines=moved))
+    with pytest.raises(EngineKeyMismatch, match=r"rebuild it with: python -m esrdf\.engines\.tensorrt_build"):
+        TensorRTEngine(load_bundle(copy))
+
+
+@pytest.mark.tensorrt
+def test_fp16_engines_meet_the_fp16_bars_against_fp32_eager(trt_bundle, photos):
+    import torch
+    from esrdf.engines.tensorrt_engine import TensorRTEngine
+    from esrdf.engines.torch_engine import TorchEngine
+    from esrdf.export.parity import bar_failures, compare
+
+    bundle = load_bundle(trt_bundle)
+    trt_engine, eager = TensorRTEngine(bundle), TorchEngine.from_bundle(bundle, device="cuda")
+    fails = []
+    for name in ("astronaut", "coffee"):
+        for batch in (2, 1, 3):  # exact static, padded static, dynamic
+            lr = eager.upload(photo_tiles(photos[name], batch, 16))
+            coarse = eager.predictor(lr)
+            fails += bar_failures(
+                compare(trt_engine.download(trt_engine.predictor(lr)), eager.download(coarse)),
+                FP16_GRAPH,
+                f"predictor b{batch} {name}",
+            )
+            x_t = torch.flip(coarse, dims=(-1,)) * 0.5
+            t = torch.full((batch,), 120.0, device="cuda")
+            coefs = torch.tensor([[0.98, -0.35, 0.12]], device="cuda").expand(batch, 3).contiguous()
+            args = (x_t, coarse, t, coefs, torch.roll(coarse, 7, dims=-2))
+            fails += bar_failures(
+                compare(trt_engine.download(trt_engine.step(*args)), eager.download(eager.step(*args))),
+                FP16_GRAPH,
+                f"step b{batch} {name}",
+            )
+    assert not fails, fails
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_graph_replay_is_bit_exact_with_stream_execution(trt_bundle, photos):
+    from esrdf.engines.tensorrt_engine import TensorRTEngine
+    from esrdf.runtime.cuda_graph import CudaGraphSampler
+    from esrdf.runtime.noise import noise_field
+    from esrdf.runtime.sampling import plan_steps
+
+    bundle = load_bundle(trt_bundle)
+    engine = TensorRTEngine(bundle)
+    plan = plan_steps(bundle.manifest.schedule.array(), "ddim", 6, 0.5)
+    lr = photo_tiles(photos["astronaut"], 2, 16)
+    noises = np.stack([np.stack([noise_field(3, k, 0, 64 * b, 64, 64) for b in range(2)]) for k in range(7)])
+    graphed = CudaGraphSampler(engine, 3, 4)
+    replays = [graphed.sample(lr, noises, plan) for _ in range(2)]
+    stream = CudaGraphSampler(engine, 3, 4, use_graphs=False).sample(lr, noises, plan)
+    assert graphed.captures == 1
+    assert np.array_equal(replays[0], stream) and np.array_equal(replays[1], stream)
