@@ -1,0 +1,351 @@
+"""The bundle: a directory of exported graphs described by ``manifest.json`` (DESIGN.md section 3).
+
+The runtime defines the format and reads it; ``esrdf.export`` writes it with ``write_bundle_atomically``.
+Layout::
+
+    bundle/
+      manifest.json         Manifest.to_json()
+      predictor.onnx        (file names are free; each GraphEntry names its file)
+      step.onnx
+      predictor.fp16.onnx   optional fp16 variants
+      step.fp16.onnx
+      *.plan                TensorRT engines (a later issue), keyed by EngineKey
+
+The manifest carries everything the runtime needs without importing the training code: scale, size
+requirements, the noise schedule (alphas_cumprod in float64; paper Eq. 1-3), each graph's file, sha256 and
+I/O contract, engine keys, and the parity figures export measured against the eager model.
+
+``export_info`` is free-form provenance (tool versions, checkpoint path, ...). The runtime reads three keys
+when present: ``checkpoint`` (quoted in re-export hints), ``tile`` and ``batch`` (the LR tile size and
+tile batch export checked; used as run-time defaults).
+
+JSON floats: Python writes the shortest repr that round-trips, so float64 schedule values reload bit-exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+from esrdf.runtime.graph_spec import GRAPH_ROLES, graph_spec
+
+from esrdf.config import ConfigError, ModelConfig, to_jsonable
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+Role = Literal["predictor", "step"]
+Precision = Literal["fp32", "fp16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
+
+T = TypeVar("T")
+
+
+class BundleError(RuntimeError):
+    """A bundle that cannot be used as it stands: missing, tampered, stale, or from another format version."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One graph input or output: ints are fixed axes, strings are named dynamic axes."""
+
+    name: str
+    dims: list[int | str]
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        # Accept graph_spec's tuples; store lists so a JSON round trip compares equal.
+        object.__setattr__(self, "dims", list(self.dims))
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    role: Role
+    precision: Precision
+    file: str  # relative to the bundle root
+    sha256: str
+    inputs: list[TensorEntry]
+    outputs: list[TensorEntry]
+    opset: int
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    """What a TensorRT plan depends on; a plan whose key differs from the running system is refused."""
+
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str  # "major.minor", e.g. "9.0"
+    precision: Precision
+    profile: dict[str, dict[str, int]]  # {"min"|"opt"|"max": {axis name: size}}
+    onnx_sha256: str
+
+
+@dataclass(frozen=True)
+class EngineEntry:
+    role: Role
+    precision: Precision
+    file: str
+    sha256: str
+    key: EngineKey
+
+
+@dataclass(frozen=True)
+class ScheduleEntry:
+    """The forward-process schedule (paper Eq. 1-3): alphas_cumprod[t] for t = 0..T-1, float64 values."""
+
+    kind: str
+    timesteps: int
+    alphas_cumprod: list[float]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "alphas_cumprod", [float(a) for a in self.alphas_cumprod])
+        ab = np.asarray(self.alphas_cumprod, dtype=np.float64)
+        if ab.shape != (self.timesteps,):
+            raise BundleError(f"schedule: {ab.size} alphas_cumprod values for {self.timesteps} timesteps")
+        if not (np.all(ab >= 0.0) and np.all(ab <= 1.0) and np.all(np.diff(ab) <= 0.0)):
+            raise BundleError("schedule: alphas_cumprod must be non-increasing values in [0, 1]")
+
+    def array(self) -> np.ndarray:
+        """alphas_cumprod as float64, shape (T,)."""
+        return np.asarray(self.alphas_cumprod, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format_version: int
+    model_name: str
+    scale: int
+    channels: int
+    hr_multiple_of: int  # HR tile height and width must be divisible by this (the U-Net's downsampling)
+    value_range: list[float]  # [-1.0, 1.0]: images enter and leave the graphs in this range
+    schedule: ScheduleEntry
+    graphs: list[GraphEntry]
+    engines: list[EngineEntry] = field(default_factory=list)
+    parity: dict[str, dict[str, float]] = field(default_factory=dict)  # e.g. {"step_fp16": {"psnr_db": 61.2}}
+    export_info: dict[str, str | int] = field(default_factory=dict)
+    model_config: dict[str, Any] = field(default_factory=dict)  # ModelConfig.to_dict()
+
+    @property
+    def lr_multiple_of(self) -> int:
+        """LR tile sizes must be divisible by this so that scale * tile meets ``hr_multiple_of``."""
+        return self.hr_multiple_of // int(np.gcd(self.hr_multiple_of, self.scale))
+
+    def graph(self, role: str, precision: str) -> GraphEntry | None:
+        for g in self.graphs:
+            if g.role == role and g.precision == precision:
+                return g
+        return None
+
+    def model(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.model_config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_jsonable(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        return _decode(data, cls, "manifest")
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BundleError(f"manifest is not valid JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise BundleError("manifest must be a JSON object")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            # Checked before the strict decode so a newer format gets this message, not "unknown key".
+            raise BundleError(
+                f"bundle format version {version!r}; this runtime reads version {FORMAT_VERSION}"
+            )
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise BundleError(str(exc)) from exc
+
+
+def _decode(value: Any, annotation: Any, where: str) -> Any:
+    """Strict JSON -> typed value: unknown or missing keys and wrong types are errors naming the key.
+
+    Like ``esrdf.config.strict_from_dict``, plus what the manifest needs that it lacks: ``list[...]``,
+    ``dict[str, ...]`` and unions such as ``int | str`` (strict_from_dict tries only the first member).
+    """
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected an object, got {type(value).__name__}")
+        fields = {f.name for f in dataclasses.fields(annotation)}
+        unknown, missing = sorted(set(value) - fields), sorted(fields - set(value))
+        if unknown or missing:
+            raise ConfigError(
+                f"{where}: unknown key(s) {unknown}, missing key(s) {missing} for {annotation.__name__}"
+            )
+        hints = typing.get_type_hints(annotation)
+        return annotation(**{k: _decode(value[k], hints[k], f"{where}.{k}") for k in fields})
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        (item,) = typing.get_args(annotation)
+        return [_decode(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected an object, got {type(value).__name__}")
+        _key, item = typing.get_args(annotation)
+        return {str(k): _decode(v, item, f"{where}.{k}") for k, v in value.items()}
+    if origin in (types.UnionType, typing.Union):
+        for member in typing.get_args(annotation):
+            try:
+                return _decode(value, member, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} matches none of {typing.get_args(annotation)}")
+    if origin is Literal:
+        if value not in typing.get_args(annotation):
+            raise ConfigError(f"{where}: {value!r} is not one of {typing.get_args(annotation)}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation in (int, str, bool):
+        if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}")
+        return value
+    return value  # Any
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, streamed (graphs can be hundreds of MB)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(directory: str | os.PathLike[str], manifest: Manifest) -> Path:
+    """Write ``manifest.json`` into ``directory``, a bundle being built (the bundle is the atomic unit)."""
+    path = Path(directory) / MANIFEST_NAME
+    path.write_text(manifest.to_json(), encoding="utf-8")
+    return path
+
+
+@dataclass(frozen=True)
+class Bundle:
+    root: Path
+    manifest: Manifest
+
+    def graph_path(self, role: str, precision: str) -> Path:
+        entry = self.manifest.graph(role, precision)
+        if entry is None:
+            have = sorted(f"{g.role}/{g.precision}" for g in self.manifest.graphs)
+            raise BundleError(
+                f"{self.root}: no {precision} {role} graph (bundle has {have}); "
+                f"{_reexport_hint(self.root, self.manifest, precision)}"
+            )
+        return self.root / entry.file
+
+    def precisions(self) -> list[str]:
+        """Precisions for which the bundle has both graphs."""
+        return [p for p in PRECISIONS if all(self.manifest.graph(r, p) for r in GRAPH_ROLES)]
+
+
+def _reexport_hint(root: Path, manifest: Manifest | None, precision: str = "both") -> str:
+    ckpt = manifest.export_info.get("checkpoint", "CKPT_DIR") if manifest else "CKPT_DIR"
+    return f"re-export with: esrdf-export --ckpt {ckpt} --out {root} --precision {precision} --force"
+
+
+def load_bundle(directory: str | os.PathLike[str], verify: bool = True) -> Bundle:
+    """Read and validate a bundle: format version, graph I/O names, and (``verify``) every file's sha256."""
+    root = Path(directory)
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise BundleError(f"{root}: not an ESRDF bundle (no {MANIFEST_NAME}); {_reexport_hint(root, None)}")
+    try:
+        manifest = Manifest.from_json(path.read_text(encoding="utf-8"))
+    except BundleError as exc:
+        raise BundleError(f"{path}: {exc}; {_reexport_hint(root, None)}") from exc
+    _check_graph_contracts(root, manifest)
+    entries: list[GraphEntry | EngineEntry] = [*manifest.graphs, *manifest.engines]
+    for entry in entries:
+        file = root / entry.file
+        if not file.is_file():
+            raise BundleError(
+                f"{file}: listed in the manifest but missing; "
+                f"{_reexport_hint(root, manifest, entry.precision)}"
+            )
+        if verify and sha256_file(file) != entry.sha256:
+            raise BundleError(
+                f"{file}: sha256 does not match the manifest (modified or corrupted); "
+                f"{_reexport_hint(root, manifest, entry.precision)}"
+            )
+    return Bundle(root=root, manifest=manifest)
+
+
+def _check_graph_contracts(root: Path, manifest: Manifest) -> None:
+    """Each graph's I/O names must be the ones ``graph_spec`` declares, or the engines would bind wrongly."""
+    for g in manifest.graphs:
+        spec = graph_spec(g.role, manifest.channels)
+        names = ([t.name for t in g.inputs], [t.name for t in g.outputs])
+        if names != (list(spec.input_names), list(spec.output_names)):
+            raise BundleError(
+                f"{root / g.file}: I/O names {names} differ from the {g.role} graph contract "
+                f"{(list(spec.input_names), list(spec.output_names))}; "
+                f"{_reexport_hint(root, manifest, g.precision)}"
+            )
+
+
+def write_bundle_atomically(
+    target: str | os.PathLike[str], build_fn: Callable[[Path], T], force: bool = False
+) -> T:
+    """Build a bundle with ``build_fn(tmp_dir)`` next to ``target``, verify it, then rename it into place.
+
+    A failure or KeyboardInterrupt removes the temp dir, so a half-written bundle never stands at ``target``.
+    An existing ``target`` is refused unless ``force``; even then only a previous bundle or an empty directory
+    is replaced, never an unrelated folder.
+    """
+    target = Path(target).absolute()
+    _check_replaceable(target, force)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a bundle is meant to be read by the service's user too
+    try:
+        result = build_fn(tmp)
+        load_bundle(tmp, verify=True)  # never rename an inconsistent bundle into place
+        _check_replaceable(target, force)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            target.rename(old / "bundle")
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
+
+
+def _check_replaceable(target: Path, force: bool) -> None:
+    if not target.exists():
+        return
+    if not force:
+        raise BundleError(f"{target} already exists; pass --force to replace it")
+    if not target.is_dir() or not ((target / MANIFEST_NAME).is_file() or not any(target.iterdir())):
+        raise BundleError(
+            f"{target} exists and is not an ESRDF bundle; refusing to replace it even with --force"
+        )

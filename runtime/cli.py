@@ -1,0 +1,206 @@
+"""``esrdf-run``: upscale an image or a folder of images with an exported bundle.
+
+    esrdf-run --engine bundle/ -i photo.png -o photo_x4.png
+    esrdf-run --engine bundle/ -i photos/ -o photos_x4/ --steps 20 --seed 1
+
+A folder run processes the folder's image files (not subfolders), keeps their names, and skips outputs
+that already exist unless ``--overwrite``; since every output is written atomically (temp file, then
+rename), an interrupted run leaves no partial image and rerunning the same command resumes it. It never
+writes over its input. An image that cannot be read, or is too large, gets one line and the run goes on;
+the exit code is 1 if any image failed, 130 if interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+from esrdf.engines.registry import BACKENDS, EngineError
+from esrdf.runtime.bundle import BundleError
+from esrdf.runtime.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    load_image,
+    output_format,
+    remove_stale_partials,
+    save_image,
+)
+from esrdf.runtime.upscaler import Upscaler
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}
+)
+EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
+
+
+@dataclass(frozen=True)
+class Job:
+    source: Path
+    target: Path
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    steps: int | None = None
+    sampler: str = "ddim"
+    eta: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class RunReport:
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+
+
+def plain_console() -> Console:
+    """stderr, one line per message however long (no wrapping), and no markup parsing of file names."""
+    return Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+
+
+def plan_jobs(source: Path, target: Path) -> list[Job]:
+    """Pair inputs with outputs; ``click.UsageError`` for a run that would overwrite its input."""
+    if source.is_dir():
+        if target.exists() and not target.is_dir():
+            raise click.UsageError(f"-i is a folder, so -o must be a folder too ({target} is a file)")
+        if _same_file(source, target):
+            raise click.UsageError(
+                f"-o {target} is the input folder; choose another so inputs are never overwritten"
+            )
+        files = sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith("."))
+        jobs = [Job(p, target / p.name) for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    else:
+        # An existing folder, or a name without an extension, is a folder to write into.
+        into_folder = target.is_dir() or not target.suffix
+        jobs = [Job(source, target / source.name if into_folder else target)]
+        try:
+            output_format(jobs[0].target)
+        except ImageError as exc:
+            raise click.UsageError(str(exc)) from None
+    for job in jobs:
+        if _same_file(job.source, job.target):
+            raise click.UsageError(f"-o would overwrite the input {job.source}; choose another output")
+    return jobs
+
+
+def _upscale_one(
+    upscaler: Upscaler, job: Job, options: SamplingOptions, max_pixels: int, progress: Progress
+) -> None:
+    rgb = load_image(job.source, max_pixels=max_pixels)
+    output_format(job.target)  # fail before the work if the extension cannot be written
+    task = progress.add_task(job.source.name, total=None)
+    try:
+        hr = upscaler(
+            rgb, steps=options.steps, sampler=options.sampler, eta=options.eta, seed=options.seed,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )  # fmt: skip
+    finally:
+        progress.remove_task(task)
+    job.target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(job.target)
+    save_image(job.target, hr)
+
+
+def run_jobs(
+    upscaler: Upscaler,
+    jobs: list[Job],
+    options: SamplingOptions,
+    overwrite: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    console: Console | None = None,
+) -> RunReport:
+    """Upscale each job, skipping finished ones; a failing image is one line, the others still run."""
+    console = console or plain_console()
+    report = RunReport()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
+        overall = progress.add_task("images", total=len(jobs))
+        for job in jobs:
+            if job.target.exists() and not overwrite:
+                report.skipped += 1
+            else:
+                try:
+                    _upscale_one(upscaler, job, options, max_pixels, progress)
+                    report.done += 1
+                    console.print(f"wrote {job.target}")
+                except ImageError as exc:
+                    report.failed += 1
+                    console.print(f"error: {exc}")
+                except (ValueError, RuntimeError, OSError) as exc:
+                    report.failed += 1
+                    console.print(f"error: {job.source}: {exc}")
+            progress.advance(overall)
+    return report
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--engine", "engine_dir", required=True, type=click.Path(path_type=Path), help="Bundle folder.")
+@click.option(
+    "-i",
+    "--input",
+    "source",
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="Image file or folder of images.",
+)
+@click.option(
+    "-o",
+    "--output",
+    "target",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output file, or folder (created if missing).",
+)
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="DDIM steps (default 50, at most T).")
+@click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)
+@click.option("--eta", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--tile", type=click.IntRange(min=0), default=None, help="LR tile size; 0 = whole image.")
+@click.option("--overlap", type=click.IntRange(min=0), default=None, help="LR pixels; default tile / 8.")
+@click.option("--batch", type=click.IntRange(min=1), default=None, help="Tiles per engine call.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="onnxruntime", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (onnxruntime).")
+@click.option("--overwrite", is_flag=True, help="Redo outputs that already exist.")
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_PIXELS,
+    show_default=True,
+    help="Refuse larger inputs (LR pixels).",
+)
+def main(
+    engine_dir: Path, source: Path, target: Path, steps: int | None, sampler: str, eta: float, seed: int,
+    tile: int | None, overlap: int | None, batch: int | None, precision: str, backend: str, device: str,
+    threads: int | None, overwrite: bool, max_pixels: int,
+) -> None:  # fmt: skip
+    """Upscale IN (an image or a folder of images) into OUT with an ESRDF bundle."""
+    jobs = plan_jobs(source, target)
+    if source.is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+    console = plain_console()
+    try:
+        upscaler = Upscaler(engine_dir, backend, device, precision, threads, tile, overlap, batch)
+        upscaler.step_plan(steps, sampler, eta)  # bad sampling options fail once here, not once per image
+        report = run_jobs(
+            upscaler, jobs, SamplingOptions(steps, sampler, eta, seed), overwrite, max_pixels, console
+        )
+    except (BundleError, EngineError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        console.print("interrupted; rerun the same command to resume (finished images are kept)")
+        sys.exit(EXIT_INTERRUPTED)
+    console.print(f"{report.done} upscaled, {report.skipped} already done, {report.failed} failed")
+    if report.failed:
+        sys.exit(EXIT_FAILED)

@@ -1,0 +1,151 @@
+"""The embeddable API: ``Upscaler(bundle_dir)(image, steps=..., seed=...)``.
+
+    from esrdf.runtime import Upscaler
+    upscaler = Upscaler("bundle/", backend="onnxruntime", device="cpu")
+    hr = upscaler(lr_uint8_hwc, steps=20, seed=0)      # numpy HxWx3 uint8 in, numpy out
+    hr_pil = upscaler(pil_image)                       # PIL in, PIL out
+
+Thread safety: an ``Upscaler`` is immutable after construction. Each call keeps its state (tiles, noise,
+the sampler's x_t) in locals, and the onnxruntime engine builds a fresh IOBinding per engine call, so
+several threads may call one ``Upscaler`` at once. There is no global state: two Upscalers with different
+bundles or settings coexist in one process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import overload
+
+import numpy as np
+from esrdf.engines.protocol import Engine
+from esrdf.engines.registry import open_engine
+from esrdf.runtime.bundle import Bundle, BundleError, Manifest, load_bundle
+from esrdf.runtime.driver import ProgressFn, fixed_shape, upscale_array
+from esrdf.runtime.images import from_model_range, pil_to_array, to_model_range
+from esrdf.runtime.sampling import StepPlan, plan_steps
+from PIL import Image
+
+DEFAULT_TILE = 64  # LR pixels, used when neither the caller, the graph nor the bundle's export_info says
+DEFAULT_STEPS = 50  # DDIM steps when the caller gives none (the runtime's choice; eager defaults to all T)
+
+
+class Upscaler:
+    """A loaded bundle and an open engine; call it on images."""
+
+    def __init__(
+        self,
+        bundle_dir: str | os.PathLike[str],
+        backend: str = "onnxruntime",
+        device: str = "cpu",
+        precision: str = "fp32",
+        threads: int | None = None,
+        tile: int | None = None,
+        overlap: int | None = None,
+        batch: int | None = None,
+        verify: bool = True,
+    ) -> None:
+        self.bundle: Bundle = load_bundle(bundle_dir, verify=verify)
+        if self.manifest.value_range != [-1.0, 1.0] or self.manifest.channels != 3:
+            raise BundleError(
+                f"{bundle_dir}: graphs for {self.manifest.channels} channels in {self.manifest.value_range}; "
+                "this runtime upscales RGB images in [-1, 1]"
+            )
+        self.engine: Engine = open_engine(self.bundle, backend, device, precision, threads)
+        fixed_batch, fixed_tile = fixed_shape(self.manifest)
+        info = self.manifest.export_info
+        self.tile = _first_int(tile, fixed_tile, info.get("tile"), DEFAULT_TILE)
+        self.batch = _first_int(batch, fixed_batch, info.get("batch"), 1)
+        # Default seam: 1/8 of the tile (8 LR pixels for 64-pixel tiles); work grows as 1/(tile - overlap)^2.
+        self.overlap = 0 if self.tile == 0 else (self.tile // 8 if overlap is None else overlap)
+        if self.tile and not 0 <= self.overlap < self.tile:
+            raise ValueError(f"overlap must be in [0, tile={self.tile}), got {overlap}")
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.bundle.manifest
+
+    @property
+    def scale(self) -> int:
+        return self.manifest.scale
+
+    def step_plan(self, steps: int | None = None, sampler: str = "ddim", eta: float = 0.0) -> StepPlan:
+        if steps is None and sampler == "ddim":
+            steps = min(DEFAULT_STEPS, self.manifest.schedule.timesteps)
+        return plan_steps(self.manifest.schedule.array(), sampler, steps, eta)
+
+    def upscale_array(
+        self,
+        lr: np.ndarray,
+        steps: int | None = None,
+        sampler: str = "ddim",
+        eta: float = 0.0,
+        seed: int = 0,
+        injected_noise: Sequence[np.ndarray] | None = None,
+        progress: ProgressFn | None = None,
+    ) -> np.ndarray:
+        """(C, h, w) float32 in [-1, 1] -> (C, scale*h, scale*w) float32 in [-1, 1]."""
+        return upscale_array(
+            self.engine,
+            self.manifest,
+            lr,
+            self.step_plan(steps, sampler, eta),
+            seed=seed,
+            tile=self.tile,
+            overlap=self.overlap,
+            batch=self.batch,
+            injected_noise=injected_noise,
+            progress=progress,
+        )
+
+    @overload
+    def __call__(
+        self,
+        image: np.ndarray,
+        steps: int | None = ...,
+        sampler: str = ...,
+        eta: float = ...,
+        seed: int = ...,
+        progress: ProgressFn | None = ...,
+    ) -> np.ndarray: ...
+
+    @overload
+    def __call__(
+        self,
+        image: Image.Image,
+        steps: int | None = ...,
+        sampler: str = ...,
+        eta: float = ...,
+        seed: int = ...,
+        progress: ProgressFn | None = ...,
+    ) -> Image.Image: ...
+
+    def __call__(
+        self,
+        image: np.ndarray | Image.Image,
+        steps: int | None = None,
+        sampler: str = "ddim",
+        eta: float = 0.0,
+        seed: int = 0,
+        progress: ProgressFn | None = None,
+    ) -> np.ndarray | Image.Image:
+        """Upscale HxWx3 uint8 (or a PIL image) by ``scale``; the same seed gives the same image."""
+        rgb = pil_to_array(image) if isinstance(image, Image.Image) else _check_rgb(image)
+        hr = self.upscale_array(to_model_range(rgb), steps, sampler, eta, seed, progress=progress)
+        out = from_model_range(hr)
+        return Image.fromarray(out) if isinstance(image, Image.Image) else out
+
+
+def _first_int(*candidates: object) -> int:
+    """The first candidate that is an int (bundle export_info values may be absent or strings)."""
+    for c in candidates:
+        if isinstance(c, int) and not isinstance(c, bool):
+            return c
+    raise ValueError("no integer candidate")
+
+
+def _check_rgb(image: np.ndarray) -> np.ndarray:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise TypeError(f"expected a HxWx3 uint8 array or a PIL image, got {got}")
+    return image
