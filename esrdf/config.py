@@ -44,8 +44,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if origin in (types.UnionType, typing.Union):
         if value is None and type(None) in typing.get_args(annotation):
             return None
-        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _coerce(value, inner[0], where)
+        for option in (a for a in typing.get_args(annotation) if a is not type(None)):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} matches none of {annotation}")
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
