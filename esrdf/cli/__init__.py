@@ -1,0 +1,1 @@
+"""Command-line entry points (``esrdf-train``, ``esrdf-eval``). Import-light: commands import their needs."""
