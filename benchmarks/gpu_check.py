@@ -174,11 +174,11 @@ def run_tests(out: Path, timeout_s: float) -> dict[str, Any]:
 def build_engines(preset_name: str, workdir: Path, device: str) -> tuple[Any, dict[str, Any], Path]:
     """Random-init paper models -> checkpoint -> fp32 TorchEngine and fp16 TorchCudaEngine on CUDA."""
     import torch
-    from esrdf.engines.torch_cuda_engine import TorchCudaEngine
-    from esrdf.engines.torch_engine import TorchEngine
 
     from esrdf.checkpoint import save_checkpoint
     from esrdf.config import preset
+    from esrdf.engines.torch_cuda_engine import TorchCudaEngine
+    from esrdf.engines.torch_engine import TorchEngine
     from esrdf.models.build import build_predictor, build_unet
 
     cfg = preset(preset_name)
@@ -277,10 +277,10 @@ def to_unit_psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def benchmark(args: argparse.Namespace, report: dict[str, Any], deadline: float) -> None:
     import torch
-    from esrdf.runtime.cuda_graph import CudaGraphSampler
-    from esrdf.runtime.sampling import plan_steps
 
     from esrdf.diffusion.schedule import make_schedule
+    from esrdf.runtime.cuda_graph import CudaGraphSampler
+    from esrdf.runtime.sampling import plan_steps
 
     batches = [int(b) for b in args.batches.split(",")]
     steps_list = [int(s) for s in args.steps.split(",")]

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from esrdf.engines.registry import EngineError
 from esrdf.runtime.graph_spec import PREDICTOR, STEP, graph_spec
 
 if TYPE_CHECKING:
     import onnxruntime as ort
+
     from esrdf.runtime.bundle import Bundle
 
 DEVICES = ("cpu", "cuda")

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
+
 from esrdf.runtime.bundle import (
     MANIFEST_NAME,
     Bundle,

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from esrdf.engines.tensorrt_build import (
     MachineIdentity,
     machine_identity,

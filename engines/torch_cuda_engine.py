@@ -16,8 +16,9 @@ from __future__ import annotations
 import copy
 
 import torch
-from esrdf.engines.torch_engine import TorchEngine
 from torch import nn
+
+from esrdf.engines.torch_engine import TorchEngine
 
 # Layers whose fp16 weight autocast would produce anyway (autocast's fp16 op list: conv, linear, matmul).
 _HALF_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)

@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import numpy as np
-from esrdf.runtime.graph_spec import GRAPH_ROLES, graph_spec
 
 from esrdf.config import ConfigError, ModelConfig, to_jsonable
+from esrdf.runtime.graph_spec import GRAPH_ROLES, graph_spec
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"

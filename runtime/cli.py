@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 from esrdf.engines.registry import BACKENDS, EngineError
 from esrdf.runtime.bundle import BundleError
 from esrdf.runtime.images import (
@@ -29,8 +32,6 @@ from esrdf.runtime.images import (
     save_image,
 )
 from esrdf.runtime.upscaler import Upscaler
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}

@@ -41,6 +41,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+
 from esrdf.engines.protocol import Engine
 from esrdf.runtime.sampling import StepPlan
 

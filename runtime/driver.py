@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
 from esrdf.engines.protocol import Engine
 from esrdf.runtime.bundle import Manifest
 from esrdf.runtime.graph_spec import PREDICTOR

@@ -89,8 +89,13 @@ def graph_spec(role: str, channels: int = 3) -> GraphSpec:
 
 def tile_sizes(batch: int, tile: int, scale: int) -> dict[str, int]:
     """Axis sizes for a batch of ``tile`` x ``tile`` LR tiles (outputs are ``scale * tile`` square)."""
-    return {"batch": batch, "lr_height": tile, "lr_width": tile,
-            "height": tile * scale, "width": tile * scale}
+    return {
+        "batch": batch,
+        "lr_height": tile,
+        "lr_width": tile,
+        "height": tile * scale,
+        "width": tile * scale,
+    }
 
 
 @dataclass(frozen=True)
@@ -108,5 +113,8 @@ class ShapeProfile:
 
     @classmethod
     def dynamic(cls, max_batch: int, tile: int, scale: int, min_tile: int) -> ShapeProfile:
-        return cls(min=tile_sizes(1, min_tile, scale), opt=tile_sizes(max_batch, tile, scale),
-                   max=tile_sizes(max_batch, tile, scale))
+        return cls(
+            min=tile_sizes(1, min_tile, scale),
+            opt=tile_sizes(max_batch, tile, scale),
+            max=tile_sizes(max_batch, tile, scale),
+        )

@@ -18,13 +18,14 @@ from collections.abc import Sequence
 from typing import overload
 
 import numpy as np
+from PIL import Image
+
 from esrdf.engines.protocol import Engine
 from esrdf.engines.registry import open_engine
 from esrdf.runtime.bundle import Bundle, BundleError, Manifest, load_bundle
 from esrdf.runtime.driver import ProgressFn, fixed_shape, upscale_array
 from esrdf.runtime.images import from_model_range, pil_to_array, to_model_range
 from esrdf.runtime.sampling import StepPlan, plan_steps
-from PIL import Image
 
 DEFAULT_TILE = 64  # LR pixels, used when neither the caller, the graph nor the bundle's export_info says
 DEFAULT_STEPS = 50  # DDIM steps when the caller gives none (the runtime's choice; eager defaults to all T)

@@ -78,9 +78,16 @@ def training_photos() -> list[Path]:
     found: list[Path] = []
     for root in TRAINING_PHOTO_DIRS:
         if root.is_dir():
-            found += sorted(p for p in root.rglob("*") if p.suffix.lower() in {".jpg", ".png"}
-                            and "screenshot" not in p.name and "flower.png." not in p.name)
+            found += sorted(
+                p
+                for p in root.rglob("*")
+                if p.suffix.lower() in {".jpg", ".png"}
+                and "screenshot" not in p.name
+                and "flower.png." not in p.name
+            )
     if not found:
-        pytest.skip("training photos missing: apt-get install mate-backgrounds plasma-workspace-wallpapers "
-                    "libjxl-testdata (.ci/run does this)")
+        pytest.skip(
+            "training photos missing: apt-get install mate-backgrounds plasma-workspace-wallpapers "
+            "libjxl-testdata (.ci/run does this)"
+        )
     return found

@@ -15,9 +15,14 @@ import os
 import numpy as np
 import pytest
 import torch
+
+from esrdf.config import preset
+from esrdf.diffusion.samplers import ddim_sample, unet_eps_fn
+from esrdf.diffusion.schedule import make_schedule
 from esrdf.engines.torch_cuda_engine import TorchCudaEngine
 from esrdf.engines.torch_engine import TorchEngine
 from esrdf.export.parity import bar_failures, compare
+from esrdf.models.build import build_predictor, build_unet
 from esrdf.runtime import driver
 from esrdf.runtime.bundle import Manifest, ScheduleEntry
 from esrdf.runtime.cuda_graph import (
@@ -32,11 +37,6 @@ from esrdf.runtime.cuda_graph import (
 from esrdf.runtime.noise import noise_bits, noise_field
 from esrdf.runtime.sampling import StepPlan, plan_steps
 from esrdf.runtime.tolerances import END_TO_END_FP16, END_TO_END_FP32, FP16_GRAPH
-
-from esrdf.config import preset
-from esrdf.diffusion.samplers import ddim_sample, unet_eps_fn
-from esrdf.diffusion.schedule import make_schedule
-from esrdf.models.build import build_predictor, build_unet
 
 CFG = preset("tiny")
 SCALE, CHANNELS = CFG.scale, CFG.predictor.in_channels

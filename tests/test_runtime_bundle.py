@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from esrdf.runtime.bundle import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -30,7 +32,6 @@ from esrdf.runtime.bundle import (
     write_manifest,
 )
 from esrdf.runtime.graph_spec import graph_spec
-from PIL import Image
 
 
 def _entries(role: str) -> tuple[list[TensorEntry], list[TensorEntry]]:

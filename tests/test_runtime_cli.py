@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
+
 from esrdf.runtime import Upscaler
 from esrdf.runtime.bundle import load_bundle
 from esrdf.runtime.cli import main
 from esrdf.runtime.images import PARTIAL_SUFFIX, load_image, to_model_range
 from esrdf.runtime.tolerances import END_TO_END_FP32
-from PIL import Image
 
 torch = pytest.importorskip("torch")
 

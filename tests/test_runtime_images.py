@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from esrdf.runtime.images import (
     PARTIAL_SUFFIX,
     ImageError,
@@ -18,7 +20,6 @@ from esrdf.runtime.images import (
     save_image,
     to_model_range,
 )
-from PIL import Image
 
 
 @pytest.fixture(scope="module")

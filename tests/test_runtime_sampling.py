@@ -12,6 +12,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+
 from esrdf.runtime.bundle import GraphEntry, Manifest, ScheduleEntry, TensorEntry
 from esrdf.runtime.driver import fixed_shape, upscale_array
 from esrdf.runtime.noise import noise_field

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import stats
+
 from esrdf.runtime.noise import noise_bits, noise_field
 from esrdf.runtime.tiling import Tile, blend, plan_tiles, tile_weights
-from scipy import stats
 
 # ---------------------------------------------------------------- plans
 

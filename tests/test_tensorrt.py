@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from esrdf.config import preset
 from esrdf.engines.tensorrt_build import (
     BuiltPlan,
     MachineIdentity,
@@ -46,8 +48,6 @@ from esrdf.runtime.bundle import (
 )
 from esrdf.runtime.graph_spec import ShapeProfile
 from esrdf.runtime.tolerances import FP16_GRAPH
-
-from esrdf.config import preset
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = preset("tiny")
@@ -249,9 +249,9 @@ def test_adding_plans_rewrites_the_bundle_atomically_and_keeps_other_engines(tmp
 def trt_bundle(tmp_path_factory) -> Path:
     """A tiny exported bundle (fp32 + fp16 graphs) with static b2/t16 and dynamic b1-4/t<=16 engines."""
     import torch
-    from esrdf.export.bundle_writer import export_bundle
 
     from esrdf.checkpoint import save_checkpoint
+    from esrdf.export.bundle_writer import export_bundle
     from esrdf.models.build import build_predictor, build_unet
 
     torch.manual_seed(0)
@@ -303,6 +303,7 @@ def test_a_plan_from_another_gpu_is_refused_with_the_rebuild_command(trt_bundle,
 @pytest.mark.tensorrt
 def test_fp16_engines_meet_the_fp16_bars_against_fp32_eager(trt_bundle, photos):
     import torch
+
     from esrdf.engines.tensorrt_engine import TensorRTEngine
     from esrdf.engines.torch_engine import TorchEngine
     from esrdf.export.parity import bar_failures, compare
