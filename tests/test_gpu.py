@@ -9,6 +9,7 @@ All inputs are crops of real photos; models are the ``tiny`` preset with seeded 
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 
@@ -250,8 +251,10 @@ def test_driver_batch_fn_is_a_drop_in_for_the_drivers_batch_loop(
 
 @pytest.fixture(scope="module")
 def cuda_engines(modules) -> dict[str, TorchEngine]:
+    # TorchEngine moves the modules it is given; copies keep the fixture's modules on the CPU for the
+    # eager reference.
     return {
-        "fp32": TorchEngine(*modules, device="cuda", precision="fp32"),
+        "fp32": TorchEngine(*(copy.deepcopy(m) for m in modules), device="cuda", precision="fp32"),
         "fp16": TorchCudaEngine(*modules, device="cuda", precision="fp16"),
     }
 
