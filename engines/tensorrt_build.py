@@ -65,7 +65,7 @@ def tensorrt_unavailable_reason() -> str | None:
     except ImportError:
         return (
             "tensorrt is not installed: install TensorRT 10 or 11 for your CUDA version from NVIDIA's "
-            "packages (pip index https://pypi.nvidia.com)"
+            "own package index"
         )
     if not hasattr(tensorrt, "Builder"):
         # tensorrt-stubs installs an importable ``tensorrt`` namespace package that holds only .pyi files.

@@ -181,10 +181,13 @@ def run_jobs(
     show_default=True,
     help="Refuse larger inputs (LR pixels).",
 )
+@click.option(
+    "--no-cuda-graph", is_flag=True, help="On CUDA, run the sampler as stream execution, not graph replays."
+)
 def main(
     engine_dir: Path, source: Path, target: Path, steps: int | None, sampler: str, eta: float, seed: int,
     tile: int | None, overlap: int | None, batch: int | None, precision: str, backend: str, device: str,
-    threads: int | None, overwrite: bool, max_pixels: int,
+    threads: int | None, overwrite: bool, max_pixels: int, no_cuda_graph: bool,
 ) -> None:  # fmt: skip
     """Upscale IN (an image or a folder of images) into OUT with an ESRDF bundle."""
     jobs = plan_jobs(source, target)
@@ -192,7 +195,10 @@ def main(
         target.mkdir(parents=True, exist_ok=True)
     console = plain_console()
     try:
-        upscaler = Upscaler(engine_dir, backend, device, precision, threads, tile, overlap, batch)
+        upscaler = Upscaler(
+            engine_dir, backend, device, precision, threads, tile, overlap, batch,
+            cuda_graph=not no_cuda_graph,
+        )  # fmt: skip
         upscaler.step_plan(steps, sampler, eta)  # bad sampling options fail once here, not once per image
         report = run_jobs(
             upscaler, jobs, SamplingOptions(steps, sampler, eta, seed), overwrite, max_pixels, console

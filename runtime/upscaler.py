@@ -9,13 +9,18 @@ Thread safety: an ``Upscaler`` is immutable after construction. Each call keeps 
 the sampler's x_t) in locals, and the onnxruntime engine builds a fresh IOBinding per engine call, so
 several threads may call one ``Upscaler`` at once. There is no global state: two Upscalers with different
 bundles or settings coexist in one process.
+
+On CUDA (torch or tensorrt backends) each batch of tiles runs as one CUDA-graph replay of the whole sampler
+loop (``esrdf.runtime.cuda_graph``). The graphs share static buffers, so calls to one such ``Upscaler``
+take turns on the graph sampler's lock; a service that wants concurrency on one GPU makes one
+``Upscaler`` per worker. ``cuda_graph=False`` runs the same loop as plain stream execution.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import overload
+from typing import Any, overload
 
 import numpy as np
 from PIL import Image
@@ -45,6 +50,7 @@ class Upscaler:
         overlap: int | None = None,
         batch: int | None = None,
         verify: bool = True,
+        cuda_graph: bool = True,
     ) -> None:
         self.bundle: Bundle = load_bundle(bundle_dir, verify=verify)
         if self.manifest.value_range != [-1.0, 1.0] or self.manifest.channels != 3:
@@ -61,6 +67,15 @@ class Upscaler:
         self.overlap = 0 if self.tile == 0 else (self.tile // 8 if overlap is None else overlap)
         if self.tile and not 0 <= self.overlap < self.tile:
             raise ValueError(f"overlap must be in [0, tile={self.tile}), got {overlap}")
+        on_cuda = device.startswith("cuda")
+        self._graph_sampler = self._open_graph_sampler(device, cuda_graph) if on_cuda else None
+
+    def _open_graph_sampler(self, device: str, use_graphs: bool) -> Any:
+        # Imported here: the CUDA-graph module needs torch, which the CPU path never loads.
+        from esrdf.runtime.cuda_graph import CudaGraphSampler
+
+        channels = self.manifest.channels
+        return CudaGraphSampler(self.engine, channels, self.scale, device, use_graphs=use_graphs)
 
     @property
     def manifest(self) -> Manifest:
@@ -86,17 +101,26 @@ class Upscaler:
         progress: ProgressFn | None = None,
     ) -> np.ndarray:
         """(C, h, w) float32 in [-1, 1] -> (C, scale*h, scale*w) float32 in [-1, 1]."""
+        plan = self.step_plan(steps, sampler, eta)
+        batch_fn = None
+        if self._graph_sampler is not None:
+            from esrdf.runtime.cuda_graph import driver_batch_fn
+
+            batch_fn = driver_batch_fn(self._graph_sampler, plan)
         return upscale_array(
             self.engine,
             self.manifest,
             lr,
-            self.step_plan(steps, sampler, eta),
+            plan,
             seed=seed,
             tile=self.tile,
             overlap=self.overlap,
             batch=self.batch,
             injected_noise=injected_noise,
             progress=progress,
+            batch_fn=batch_fn,
+            # One fixed batch shape keeps one captured graph per (tile, steps) key.
+            pad_last_batch=batch_fn is not None,
         )
 
     @overload

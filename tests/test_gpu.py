@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 
 import numpy as np
 import pytest
@@ -42,20 +41,6 @@ from esrdf.runtime.tolerances import END_TO_END_FP16, END_TO_END_FP32, FP16_GRAP
 CFG = preset("tiny")
 SCALE, CHANNELS = CFG.scale, CFG.predictor.in_channels
 SEED = 20260193
-
-
-@pytest.fixture(scope="module")
-def photos(request) -> dict[str, np.ndarray]:
-    """The held-out photos (conftest's ``eval_photos``); on a GPU machine without scikit-image, the copy
-    that ``benchmarks/gpu_check.sh`` saved on a CPU machine (``ESRDF_TEST_PHOTOS``, an .npz)."""
-    try:
-        return request.getfixturevalue("eval_photos")
-    except ImportError as exc:
-        cached = os.environ.get("ESRDF_TEST_PHOTOS")
-        if not cached:
-            pytest.skip(f"no held-out photos: {exc}; set ESRDF_TEST_PHOTOS to a photos.npz")
-        with np.load(cached) as npz:
-            return {name: npz[name] for name in npz.files}
 
 
 @pytest.fixture(scope="module")

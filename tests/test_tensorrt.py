@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
-import os
 import re
 import shutil
 from pathlib import Path
@@ -54,20 +53,6 @@ CFG = preset("tiny")
 HERE = MachineIdentity(
     tensorrt_version="10.13.0.35", gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0"
 )
-
-
-@pytest.fixture(scope="module")
-def photos(request) -> dict[str, np.ndarray]:
-    """The held-out photos (conftest's ``eval_photos``); on a GPU machine without scikit-image, the copy
-    that ``benchmarks/gpu_check.sh`` saved on a CPU machine (``ESRDF_TEST_PHOTOS``, an .npz)."""
-    try:
-        return request.getfixturevalue("eval_photos")
-    except ImportError as exc:
-        cached = os.environ.get("ESRDF_TEST_PHOTOS")
-        if not cached:
-            pytest.skip(f"no held-out photos: {exc}; set ESRDF_TEST_PHOTOS to a photos.npz")
-        with np.load(cached) as npz:
-            return {name: npz[name] for name in npz.files}
 
 
 def tiny_manifest(
