@@ -1,0 +1,114 @@
+"""``esrdf-export``: checkpoint -> bundle. A thin shell over ``esrdf.export.bundle_writer.export_bundle``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from esrdf.export.bundle_writer import DEFAULT_BATCH, DEFAULT_TILE, PRECISION_CHOICES
+
+
+class OneLineErrors(click.Command):
+    """Every user error, usage errors included, is one ``Error: ...`` line and exit status 2 or 1."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+        except click.ClickException as exc:
+            click.echo(f"Error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+
+
+@click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--ckpt", "ckpt", required=True, help="Checkpoint directory (config.json + model.safetensors).")
+@click.option(
+    "--out", "out", required=True, help="Bundle directory to write (refused if it exists, see --force)."
+)
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISION_CHOICES),
+    default="both",
+    show_default=True,
+    help="Graphs to write: fp32, mixed-precision fp16 (norms, softmax, update in fp32), or both.",
+)
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18 or later).")
+@click.option(
+    "--tile",
+    type=int,
+    default=DEFAULT_TILE,
+    show_default=True,
+    help="LR tile size the runtime defaults to; parity is measured at this size.",
+)
+@click.option(
+    "--batch",
+    type=int,
+    default=DEFAULT_BATCH,
+    show_default=True,
+    help="Tiles per engine call the runtime defaults to.",
+)
+@click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
+@click.option(
+    "--no-parity-gate",
+    is_flag=True,
+    help="Write the bundle even if a graph misses a parity bar (the figures are still recorded).",
+)
+@click.option(
+    "--no-torch-weights",
+    is_flag=True,
+    help="Leave the eager weights out of the bundle (the torch backend then cannot serve it).",
+)
+@click.option(
+    "--save-eager-io",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also write each graph's parity inputs and eager outputs here, in polygraphy's JSON format.",
+)
+@click.option("--quiet", "-q", is_flag=True, help="No per-stage progress.")
+def main(
+    ckpt: str,
+    out: str,
+    precision: str,
+    opset: int,
+    tile: int,
+    batch: int,
+    force: bool,
+    no_parity_gate: bool,
+    no_torch_weights: bool,
+    save_eager_io: Path | None,
+    quiet: bool,
+) -> None:
+    """Export a checkpoint's predictor and step graphs to an ONNX bundle, with parity figures."""
+    from esrdf.checkpoint import CheckpointError
+    from esrdf.config import ConfigError
+    from esrdf.export.bundle_writer import ExportError, export_bundle
+    from esrdf.export.parity import ParityError
+    from esrdf.runtime.bundle import BundleError
+
+    try:
+        bundle = export_bundle(
+            ckpt,
+            out,
+            precision=precision,
+            opset=opset,
+            tile=tile,
+            batch=batch,
+            force=force,
+            progress=not quiet,
+            parity_gate=not no_parity_gate,
+            torch_weights=not no_torch_weights,
+            save_eager_io=save_eager_io,
+        )
+    except (CheckpointError, ConfigError, ExportError, ParityError, BundleError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"wrote bundle {bundle}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

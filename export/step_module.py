@@ -1,0 +1,88 @@
+"""The torch modules behind the two exported graphs, shared by export and the eager torch engine.
+
+``StepModule`` is the U-Net with the sampler update folded in (DESIGN.md section 3, "Step graph"):
+
+    eps    = unet(concat[cond, x_t], t)                                       (paper Eq. 5-7)
+    x_prev = coefs[:, 0] * x_t + coefs[:, 1] * eps + coefs[:, 2] * noise      (fp32 arithmetic)
+
+DDPM ancestral steps (paper Eq. 6) and DDIM steps with any eta are both affine in (x_t, eps, noise), so one
+graph serves every sampler; ``esrdf.runtime.sampling`` picks the coefficients. The update lives in its own
+submodule, ``sampler_update``, so its ONNX nodes carry that name scope: ``esrdf.export.fp16`` finds them by
+it and keeps them in fp32.
+
+Exporting and serving the same module makes the torch engine the parity oracle of the exported graphs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from esrdf.runtime.graph_spec import NUM_STEP_COEFS
+
+UPDATE_SCOPE = "sampler_update"  # attribute name of the update submodule = its ONNX name scope
+
+
+class SamplerUpdate(nn.Module):
+    """x_prev = c_xt * x_t + c_eps * eps + c_noise * noise, always computed in float32.
+
+    Every input is cast to float32 first: in a half-precision U-Net eps arrives in fp16, and rounding x_t
+    to fp16 each step would accumulate over the N steps of the loop.
+    """
+
+    def forward(
+        self, x_t: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor, coefs: torch.Tensor
+    ) -> torch.Tensor:
+        c = coefs.float()[:, :, None, None]  # (B, 3) -> (B, 3, 1, 1), broadcast over (C, H, W)
+        return c[:, 0:1] * x_t.float() + c[:, 1:2] * eps.float() + c[:, 2:3] * noise.float()
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[object]:
+    """Mixed precision like the fp16 ONNX graphs: autocast runs convs/matmuls in ``dtype`` and keeps
+    group norm and softmax in fp32. ``None`` (export, the fp32 oracle) runs everything as is."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class StepModule(nn.Module):
+    """One reverse-diffusion step on the residual r = hr - coarse: (x_t, cond, t, coefs, noise) -> x_prev.
+
+    ``t`` is the float32 timestep index, shape (B,); ``coefs`` is (B, 3). ``compute_dtype`` (eager only)
+    runs the U-Net under autocast; the update stays fp32 regardless.
+    """
+
+    def __init__(self, unet: nn.Module, compute_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.unet = unet
+        self.compute_dtype = compute_dtype
+        self.sampler_update = SamplerUpdate()  # attribute name == UPDATE_SCOPE: the fp16 pass keys on it
+
+    def forward(
+        self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, coefs: torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
+        with _autocast(x_t.device, self.compute_dtype):
+            eps = self.unet(torch.cat([cond, x_t], dim=1), t)  # (B, 2C, H, W) -> (B, C, H, W)
+        return self.sampler_update(x_t, eps, noise, coefs)
+
+
+class PredictorModule(nn.Module):
+    """coarse = P(lr) (paper Section 4.2, Fig. 5), returned in float32 whatever ``compute_dtype`` is."""
+
+    def __init__(self, predictor: nn.Module, compute_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.predictor = predictor
+        self.compute_dtype = compute_dtype
+
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        with _autocast(lr.device, self.compute_dtype):
+            coarse = self.predictor(lr)
+        return coarse.float()
+
+
+def check_coefs_shape(coefs: torch.Tensor) -> None:
+    """Refuse coefficient tensors that the graph contract (``graph_spec.step_spec``) does not allow."""
+    if coefs.ndim != 2 or coefs.shape[1] != NUM_STEP_COEFS:
+        raise ValueError(f"coefs must be (batch, {NUM_STEP_COEFS}), got {tuple(coefs.shape)}")
