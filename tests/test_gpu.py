@@ -291,7 +291,7 @@ def test_reallocated_buffers_are_recaptured_never_replayed_stale(cuda_engines, a
 
 @pytest.mark.gpu
 def test_fp16_weights_engine_is_bit_identical_to_autocast_engine(modules, cuda_engines, photos):
-    autocast = TorchEngine(*modules, device="cuda", precision="fp16")
+    autocast = TorchEngine(*(copy.deepcopy(m) for m in modules), device="cuda", precision="fp16")
     lr = torch.from_numpy(lr_tiles(photos["astronaut"], 2, 16, 16)).cuda()
     assert torch.equal(cuda_engines["fp16"].predictor(lr), autocast.predictor(lr))
     assert next(cuda_engines["fp16"]._step.unet.parameters()).dtype == torch.float16
@@ -324,7 +324,7 @@ def test_fp16_cuda_graphs_meet_the_fp16_bars_against_fp32_eager(cuda_engines, al
 def test_end_to_end_graph_parity_with_the_eager_sampler_under_injected_noise(
     modules, cuda_engines, alphas_cumprod, photos
 ):
-    predictor, unet = modules
+    predictor, unet = (copy.deepcopy(m).cpu() for m in modules)  # engines own (and move) what they get
     plan = plan_steps(alphas_cumprod, "ddim", 8, 0.5)
     lr = lr_tiles(photos["astronaut"], 3, 16, 16)
     noises = noise_fields(plan, hr_offsets(3, 16, 16), 16, 16)
