@@ -70,6 +70,17 @@ class OneLineErrors(click.Command):
     default=None,
     help="Also write each graph's parity inputs and eager outputs here, in polygraphy's JSON format.",
 )
+@click.option(
+    "--trt", is_flag=True, help="Also build fp16 TensorRT engines into the bundle (needs tensorrt and CUDA)."
+)
+@click.option("--trt-dynamic", is_flag=True, help="One dynamic TensorRT profile up to --batch, not static.")
+@click.option("--trt-opt-level", type=click.IntRange(0, 5), default=3, show_default=True)
+@click.option(
+    "--timing-cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder of TensorRT timing caches (one per GPU model and TensorRT version).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No per-stage progress.")
 def main(
     ckpt: str,
@@ -82,6 +93,10 @@ def main(
     no_parity_gate: bool,
     no_torch_weights: bool,
     save_eager_io: Path | None,
+    trt: bool,
+    trt_dynamic: bool,
+    trt_opt_level: int,
+    timing_cache: Path | None,
     quiet: bool,
 ) -> None:
     """Export a checkpoint's predictor and step graphs to an ONNX bundle, with parity figures."""
@@ -91,6 +106,8 @@ def main(
     from esrdf.export.parity import ParityError
     from esrdf.runtime.bundle import BundleError
 
+    if trt:
+        _check_tensorrt_request(precision)
     try:
         bundle = export_bundle(
             ckpt,
@@ -108,6 +125,25 @@ def main(
     except (CheckpointError, ConfigError, ExportError, ParityError, BundleError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"wrote bundle {bundle}")
+    if trt:
+        from esrdf.engines.tensorrt_build import build_engines_into_bundle
+
+        entries = build_engines_into_bundle(
+            bundle, tile, batch, dynamic=trt_dynamic, opt_level=trt_opt_level, timing_cache_dir=timing_cache,
+            progress=None if quiet else click.echo,
+        )  # fmt: skip
+        click.echo(f"built {len(entries)} TensorRT engine(s) into {bundle}")
+
+
+def _check_tensorrt_request(precision: str) -> None:
+    """Fail before any work when --trt cannot be honoured here, saying why."""
+    from esrdf.engines.tensorrt_build import tensorrt_unavailable_reason
+
+    if precision == "fp32":
+        raise click.ClickException("--trt builds from the mixed fp16 graphs: use --precision fp16 or both")
+    reason = tensorrt_unavailable_reason()
+    if reason is not None:
+        raise click.ClickException(f"--trt: cannot build TensorRT engines on this machine: {reason}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -202,6 +202,7 @@ def test_predictor_only_checkpoint_is_refused(tmp_path: Path) -> None:
         (["--ckpt", "{ckpt}", "--out", "{tmp}/b", "--opset", "13"], "opset must be in 18.."),
         (["--ckpt", "{ckpt}", "--out", "{tmp}/b", "--precision", "int8"], "Invalid value for '--precision'"),
         (["--out", "{tmp}/b"], "Missing option '--ckpt'"),
+        (["--ckpt", "{ckpt}", "--out", "{tmp}/b", "--trt", "--precision", "fp32"], "mixed fp16 graphs"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_nonzero(
@@ -214,6 +215,20 @@ def test_cli_bad_input_is_one_line_and_nonzero(
     assert result.exit_code != 0
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_trt_request_without_tensorrt_says_why_before_any_work(base: Path, tmp_path: Path) -> None:
+    from esrdf.engines.tensorrt_build import tensorrt_unavailable_reason
+    from esrdf.export.cli import main
+
+    reason = tensorrt_unavailable_reason()
+    if reason is None:
+        pytest.skip("tensorrt is usable here; the refusal path cannot be exercised")
+    args = ["--ckpt", str(tiny_checkpoint(base)), "--out", str(tmp_path / "b"), "--trt"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0
+    assert result.output.strip() == f"Error: --trt: cannot build TensorRT engines on this machine: {reason}"
     assert not (tmp_path / "b").exists()
 
 
