@@ -26,7 +26,8 @@ class ConfigError(ValueError):
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Convert a JSON value to ``annotation``: nested dataclasses, tuples from lists, checked literals."""
+    """Convert a JSON value to ``annotation``: nested dataclasses, lists, dicts, tuples from lists, unions
+    (the first member that fits) and checked literals; anything else must already have the right type."""
     origin = typing.get_origin(annotation)
     if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
         if not isinstance(value, dict):
@@ -36,6 +37,16 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if value not in typing.get_args(annotation):
             raise ConfigError(f"{where}: {value!r} is not one of {typing.get_args(annotation)}")
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        (item,) = typing.get_args(annotation)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected an object, got {type(value).__name__}")
+        _key, item = typing.get_args(annotation)
+        return {str(k): _coerce(v, item, f"{where}.{k}") for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
@@ -178,14 +189,26 @@ def _presets() -> dict[str, ModelConfig]:
     paper = ModelConfig(name="paper")
     small = ModelConfig(
         name="small",
-        unet=UNetConfig(inner_channels=32, channel_mults=(1, 2, 2, 4), attn_resolutions=(16,),
-                        res_blocks=1, norm_groups=16, train_size=128),
+        unet=UNetConfig(
+            inner_channels=32,
+            channel_mults=(1, 2, 2, 4),
+            attn_resolutions=(16,),
+            res_blocks=1,
+            norm_groups=16,
+            train_size=128,
+        ),
     )
     tiny = ModelConfig(
         name="tiny",
         predictor=PredictorConfig(base_channels=16),
-        unet=UNetConfig(inner_channels=16, channel_mults=(1, 2, 2), attn_resolutions=(16,),
-                        res_blocks=1, norm_groups=8, train_size=64),
+        unet=UNetConfig(
+            inner_channels=16,
+            channel_mults=(1, 2, 2),
+            attn_resolutions=(16,),
+            res_blocks=1,
+            norm_groups=8,
+            train_size=64,
+        ),
     )
     return {c.name: c for c in (paper, small, tiny)}
 

@@ -24,14 +24,11 @@ JSON floats: Python writes the shortest repr that round-trips, so float64 schedu
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-import types
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +36,7 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 
-from esrdf.config import ConfigError, ModelConfig, to_jsonable
+from esrdf.config import ConfigError, ModelConfig, strict_from_dict, to_jsonable
 from esrdf.runtime.graph_spec import GRAPH_ROLES, graph_spec
 
 FORMAT_VERSION = 1
@@ -159,7 +156,7 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
-        return _decode(data, cls, "manifest")
+        return strict_from_dict(cls, data, "manifest")
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
@@ -179,56 +176,6 @@ class Manifest:
             return cls.from_dict(data)
         except ConfigError as exc:
             raise BundleError(str(exc)) from exc
-
-
-def _decode(value: Any, annotation: Any, where: str) -> Any:
-    """Strict JSON -> typed value: unknown or missing keys and wrong types are errors naming the key.
-
-    Like ``esrdf.config.strict_from_dict``, plus what the manifest needs that it lacks: ``list[...]``,
-    ``dict[str, ...]`` and unions such as ``int | str`` (strict_from_dict tries only the first member).
-    """
-    origin = typing.get_origin(annotation)
-    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected an object, got {type(value).__name__}")
-        fields = {f.name for f in dataclasses.fields(annotation)}
-        unknown, missing = sorted(set(value) - fields), sorted(fields - set(value))
-        if unknown or missing:
-            raise ConfigError(
-                f"{where}: unknown key(s) {unknown}, missing key(s) {missing} for {annotation.__name__}"
-            )
-        hints = typing.get_type_hints(annotation)
-        return annotation(**{k: _decode(value[k], hints[k], f"{where}.{k}") for k in fields})
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
-        (item,) = typing.get_args(annotation)
-        return [_decode(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected an object, got {type(value).__name__}")
-        _key, item = typing.get_args(annotation)
-        return {str(k): _decode(v, item, f"{where}.{k}") for k, v in value.items()}
-    if origin in (types.UnionType, typing.Union):
-        for member in typing.get_args(annotation):
-            try:
-                return _decode(value, member, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where}: {value!r} matches none of {typing.get_args(annotation)}")
-    if origin is Literal:
-        if value not in typing.get_args(annotation):
-            raise ConfigError(f"{where}: {value!r} is not one of {typing.get_args(annotation)}")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if annotation in (int, str, bool):
-        if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
-            raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}")
-        return value
-    return value  # Any
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

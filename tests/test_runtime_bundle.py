@@ -146,7 +146,7 @@ def _edit_manifest(bundle_dir: Path, edit) -> None:
     [
         (lambda d: d.update(format_version=2), "format version 2; this runtime reads version 1"),
         (lambda d: d.update(tile_size=64), r"unknown key\(s\) \['tile_size'\]"),
-        (lambda d: d.pop("scale"), r"missing key\(s\) \['scale'\]"),
+        (lambda d: d.pop("scale"), r"missing key 'scale'"),
         (lambda d: d["graphs"][0].update(precision="int8"), "'int8' is not one of"),
         (lambda d: d["graphs"][0]["inputs"][0].update(dims=["batch", 3.5, "h", "w"]), "matches none of"),
         (lambda d: d["schedule"]["alphas_cumprod"].pop(), "199 alphas_cumprod values for 200 timesteps"),
