@@ -1,0 +1,82 @@
+/* The C API from C: status names, argument checks, a missing bundle, the noise entry point, and (with
+ * ESRDF_TEST_BUNDLE) a full upscale through the handle. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "esrdf/esrdf_c.h"
+
+static int failures = 0;
+#define CHECK(expr)                                                   \
+  do {                                                                \
+    if (!(expr)) {                                                    \
+      fprintf(stderr, "%s:%d: FAILED: %s\n", __FILE__, __LINE__, #expr); \
+      ++failures;                                                     \
+    }                                                                 \
+  } while (0)
+
+static void checks_arguments(void) {
+  char err[256];
+  esrdf_handle* h = NULL;
+  CHECK(strcmp(esrdf_status_name(ESRDF_ERR_HASH_MISMATCH), "ESRDF_ERR_HASH_MISMATCH") == 0);
+  CHECK(strcmp(esrdf_status_name(99), "ESRDF_ERR_UNKNOWN") == 0);
+  CHECK(esrdf_open(NULL, "aoti", &h, err, sizeof err) == ESRDF_ERR_INVALID_ARGUMENT && h == NULL);
+  CHECK(esrdf_open("/nonexistent/bundle", NULL, &h, err, sizeof err) == ESRDF_ERR_NOT_FOUND);
+  CHECK(strstr(err, "/nonexistent/bundle: not an ESRDF bundle") != NULL);
+  CHECK(esrdf_upscale(NULL, NULL, 4, 4, 1, "ddim", 0.0, 0, NULL, err, sizeof err) == ESRDF_ERR_INVALID_ARGUMENT);
+  CHECK(esrdf_scale(NULL) == 0);
+  esrdf_close(NULL);
+}
+
+static void noise_is_reachable(void) {
+  float a[3 * 4 * 5], b[3 * 4 * 5];
+  char err[128];
+  CHECK(esrdf_noise_field(9, 2, 10, 20, 4, 5, 3, a, err, sizeof err) == ESRDF_OK && err[0] == '\0');
+  CHECK(esrdf_noise_field(9, 2, 10, 20, 4, 5, 3, b, NULL, 0) == ESRDF_OK);
+  CHECK(memcmp(a, b, sizeof a) == 0);
+  CHECK(esrdf_noise_field(9, 2, -1, 0, 4, 5, 3, a, err, sizeof err) == ESRDF_ERR_INVALID_ARGUMENT);
+}
+
+static void upscales_through_a_handle(const char* bundle) {
+  enum { W = 9, H = 7 };
+  unsigned char rgb[W * H * 3];
+  char err[512];
+  esrdf_handle* h = NULL;
+  int i, rc = esrdf_open(bundle, "aoti", &h, err, sizeof err);
+  if (rc == ESRDF_ERR_BACKEND_UNAVAILABLE) return; /* built without libtorch */
+  CHECK(rc == ESRDF_OK);
+  if (rc != ESRDF_OK) {
+    fprintf(stderr, "%s\n", err);
+    return;
+  }
+  {
+    esrdf_handle* other = NULL;
+    const int trt = esrdf_open(bundle, "tensorrt", &other, err, sizeof err);
+    /* not compiled in here; where it is, the test bundle has no plans */
+    CHECK((trt == ESRDF_ERR_BACKEND_UNAVAILABLE || trt == ESRDF_ERR_NOT_FOUND) && other == NULL);
+    CHECK(strstr(err, "tensorrt") != NULL || strstr(err, "TensorRT") != NULL);
+    CHECK(esrdf_open(bundle, "onnx", &other, err, sizeof err) == ESRDF_ERR_INVALID_ARGUMENT);
+  }
+  for (i = 0; i < W * H * 3; ++i) rgb[i] = (unsigned char)((i * 37) % 251); /* a textured ramp */
+  {
+    const int s = esrdf_scale(h);
+    unsigned char* out = malloc((size_t)W * s * H * s * 3);
+    CHECK(esrdf_upscale(h, rgb, W, H, 2, "ddim", 0.0, 1, out, err, sizeof err) == ESRDF_OK);
+    CHECK(esrdf_upscale(h, rgb, W, H, 2, "euler", 0.0, 1, out, err, sizeof err) == ESRDF_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(err, "euler") != NULL);
+    CHECK(esrdf_upscale(h, rgb, W, H, 999, "ddim", 0.0, 1, out, err, sizeof err) == ESRDF_ERR_INVALID_ARGUMENT);
+    CHECK(esrdf_upscale(h, rgb, W, H, 2, "ddim", 1.5, 1, out, err, sizeof err) == ESRDF_ERR_INVALID_ARGUMENT);
+    free(out);
+  }
+  esrdf_close(h);
+}
+
+int main(void) {
+  const char* bundle = getenv("ESRDF_TEST_BUNDLE");
+  checks_arguments();
+  noise_is_reachable();
+  if (bundle != NULL && bundle[0] != '\0') upscales_through_a_handle(bundle);
+  if (failures) fprintf(stderr, "test_c_api: %d check(s) failed\n", failures);
+  else printf("test_c_api: all checks passed\n");
+  return failures ? 1 : 0;
+}

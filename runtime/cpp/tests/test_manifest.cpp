@@ -1,0 +1,90 @@
+// Manifest decoding and hash checks on a hand-made bundle (runs without Python): a tampered file is refused
+// with ErrorCode::kHashMismatch and a message naming it, through the C++ API and the C API.
+#include <filesystem>
+#include <fstream>
+#include <unistd.h>
+
+#include "check.h"
+#include "esrdf/esrdf_c.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+const char* kAbcSha256 = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";  // FIPS 180-2 "abc"
+
+std::string tensor(const std::string& name) { return R"({"name": ")" + name + R"(", "dims": ["batch"], "dtype": "float32"})"; }
+
+std::string graph(const std::string& role, const std::string& file) {
+  const bool step = role == "step";
+  const std::string inputs = step ? tensor("x_t") + "," + tensor("cond") + "," + tensor("t") + "," + tensor("coefs") +
+                                        "," + tensor("noise")
+                                  : tensor("lr");
+  return R"({"role": ")" + role + R"(", "precision": "fp32", "file": ")" + file + R"(", "sha256": ")" + kAbcSha256 +
+         R"(", "inputs": [)" + inputs + R"(], "outputs": [)" + tensor(step ? "x_prev" : "coarse") + R"(], "opset": 18})";
+}
+
+std::string manifest_text(const std::string& extra = "", int version = 1) {
+  return R"({"format_version": )" + std::to_string(version) + extra + R"(, "model_name": "hand", "scale": 4,
+    "channels": 3, "hr_multiple_of": 4, "value_range": [-1.0, 1.0],
+    "schedule": {"kind": "linear", "timesteps": 3, "alphas_cumprod": [0.9, 0.5, 0.1]},
+    "graphs": [)" + graph("predictor", "predictor.onnx") + "," + graph("step", "step.onnx") + R"(],
+    "engines": [], "parity": {}, "export_info": {"tile": 8, "batch": 2, "checkpoint": "ckpt/"}, "model_config": {}})";
+}
+
+void write(const fs::path& path, const std::string& text) { std::ofstream(path, std::ios::binary) << text; }
+
+void decodes_a_valid_manifest() {
+  const auto m = esrdf::parse_manifest(manifest_text());
+  CHECK(m.scale == 4 && m.lr_multiple_of() == 1 && m.alphas_cumprod.size() == 3);
+  CHECK(m.export_info_int("tile", 0) == 8 && m.graph("step", "fp32") != nullptr && !m.graph("step", "fp16"));
+}
+
+void refuses_malformed_manifests() {
+  using esrdf::ErrorCode;
+  CHECK_ERROR(esrdf::parse_manifest("{not json"), ErrorCode::kBadBundle, "not valid JSON");
+  CHECK_ERROR(esrdf::parse_manifest(manifest_text("", 2)), ErrorCode::kBadBundle, "this runtime reads version 1");
+  CHECK_ERROR(esrdf::parse_manifest(manifest_text(R"(, "surprise": 1)")), ErrorCode::kBadBundle, "surprise");
+  std::string wrong_io = manifest_text();
+  wrong_io.replace(wrong_io.find("\"lr\""), 4, "\"img\"");
+  CHECK_ERROR(esrdf::parse_manifest(wrong_io), ErrorCode::kBadBundle, "graph contract");
+  std::string rising = manifest_text();
+  rising.replace(rising.find("0.5, 0.1"), 8, "0.5, 0.7");
+  CHECK_ERROR(esrdf::parse_manifest(rising), ErrorCode::kBadBundle, "non-increasing");
+}
+
+void refuses_tampered_and_missing_files(const fs::path& dir) {
+  using esrdf::ErrorCode;
+  write(dir / "manifest.json", manifest_text());
+  write(dir / "predictor.onnx", "abc");
+  write(dir / "step.onnx", "abc");
+  CHECK(esrdf::load_bundle(dir.string()).manifest.model_name == "hand");
+  write(dir / "step.onnx", "abd");  // one byte changed
+  CHECK_ERROR(esrdf::load_bundle(dir.string()), ErrorCode::kHashMismatch, "step.onnx: sha256 does not match");
+  CHECK(esrdf::load_bundle(dir.string(), /*verify=*/false).manifest.graphs.size() == 2);
+
+  esrdf_handle* handle = reinterpret_cast<esrdf_handle*>(0x1);  // must be reset to NULL on failure
+  char err[256];
+  const int rc = esrdf_open(dir.c_str(), "aoti", &handle, err, sizeof err);
+  CHECK_MSG(rc == ESRDF_ERR_HASH_MISMATCH && std::string(err).find("step.onnx") != std::string::npos, err);
+  CHECK(handle == nullptr);
+  char tiny[12];  // messages are truncated, never overflow
+  esrdf_open(dir.c_str(), "aoti", &handle, tiny, sizeof tiny);
+  CHECK(std::string(tiny).size() == sizeof tiny - 1);
+
+  fs::remove(dir / "step.onnx");
+  CHECK_ERROR(esrdf::load_bundle(dir.string()), ErrorCode::kNotFound, "step.onnx: listed in the manifest but missing");
+  CHECK_ERROR(esrdf::load_bundle((dir / "nowhere").string()), ErrorCode::kNotFound, "not an ESRDF bundle");
+}
+
+}  // namespace
+
+int main() {
+  decodes_a_valid_manifest();
+  refuses_malformed_manifests();
+  const fs::path dir = fs::temp_directory_path() / ("esrdf-manifest-test-" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  refuses_tampered_and_missing_files(dir);
+  fs::remove_all(dir);
+  return check::finish("test_manifest");
+}
