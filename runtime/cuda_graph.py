@@ -339,7 +339,7 @@ class CudaGraphSampler:
 
 
 def driver_batch_fn(sampler: CudaGraphSampler, plan: StepPlan) -> Callable[..., np.ndarray]:
-    """An adapter with the signature of ``esrdf.runtime.driver._sample_batch`` that runs graph replays.
+    """An adapter with the signature of ``esrdf.runtime.driver.sample_batch`` that runs graph replays.
 
     It takes the driver's noise function (seeded or injected), so results equal the driver's own loop;
     progress ticks come all at once after the replay (the graph runs the batch as one unit).

@@ -29,7 +29,7 @@ from esrdf.runtime.tiling import Blender, Tile, TilePlan, plan_tiles
 
 ProgressFn = Callable[[int, int], None]  # (engine calls done, engine calls in total)
 NoiseFn = Callable[[int, Tile], np.ndarray]  # (noise index, tile) -> (C, tile_h*s, tile_w*s)
-# (engine, lr_tiles, tiles, noise, per-step (t, coefs) uploads, tick) -> HR tiles; ``_sample_batch`` is the
+# (engine, lr_tiles, tiles, noise, per-step (t, coefs) uploads, tick) -> HR tiles; ``sample_batch`` is the
 # default, and a CUDA-graph replay (esrdf.runtime.cuda_graph.driver_batch_fn) can stand in for it.
 BatchFn = Callable[
     [Engine, np.ndarray, Sequence[Tile], NoiseFn, list[tuple[Any, Any]], Callable[[], None]], np.ndarray
@@ -61,7 +61,7 @@ def _noise_source(
     return lambda k, tile: tiles.cut(np.asarray(injected[k], dtype=np.float32), tile, scale)
 
 
-def _sample_batch(
+def sample_batch(
     engine: Engine,
     lr_tiles: np.ndarray,
     tiles: Sequence[Tile],
@@ -80,7 +80,7 @@ def _sample_batch(
     return engine.download(coarse) + engine.download(x)
 
 
-def _upload_step_inputs(engine: Engine, plan: StepPlan, n: int) -> list[tuple[Any, Any]]:
+def upload_step_inputs(engine: Engine, plan: StepPlan, n: int) -> list[tuple[Any, Any]]:
     """Per step: t as float32 [n] and coefs as float32 [n, 3], on the engine."""
     return [
         (
@@ -111,7 +111,7 @@ def upscale_array(
     replaces the seeded field with N + 1 full fields of shape (C, scale*H, scale*W) over the padded
     canvas (the image itself when no padding is needed): field 0 is x_T, field k the k-th update's noise.
     This is what makes parity with the eager sampler exact. ``batch_fn`` replaces the per-batch loop
-    (``_sample_batch``), e.g. with a captured CUDA graph; ``pad_last_batch`` keeps every call at
+    (``sample_batch``), e.g. with a captured CUDA graph; ``pad_last_batch`` keeps every call at
     ``batch`` tiles (one shape key) even where the graphs accept any batch.
     """
     channels, scale = manifest.channels, manifest.scale
@@ -141,9 +141,9 @@ def upscale_array(
         padded = group + [group[-1]] * (batch - len(group)) if fixed_batch or pad_last_batch else group
         n = len(padded)
         if n not in step_inputs:  # upload t and coefs once per batch size, not once per batch
-            step_inputs[n] = _upload_step_inputs(engine, plan, n)
+            step_inputs[n] = upload_step_inputs(engine, plan, n)
         lr_tiles = np.stack([tiles.cut(canvas, t) for t in padded])
-        hr_tiles = (batch_fn or _sample_batch)(engine, lr_tiles, padded, noise, step_inputs[n], tick)
+        hr_tiles = (batch_fn or sample_batch)(engine, lr_tiles, padded, noise, step_inputs[n], tick)
         for t, hr in zip(group, hr_tiles, strict=False):
             blender.add(t, hr)
     return np.clip(blender.result(), -1.0, 1.0)

@@ -11,7 +11,7 @@ a tile self-contained is what the driver (``esrdf.runtime.driver``) would otherw
   affine form of ``esrdf.runtime.sampling``).
 
 Rows of one batch with the same options run as one engine pass through the driver's own per-batch loop
-(``_sample_batch``: predictor, then N step calls; or a CUDA-graph replay); rows with different options
+(``sample_batch``: predictor, then N step calls; or a CUDA-graph replay); rows with different options
 run as one pass per distinct option set. Nothing here is stateful beyond a per-worker plan cache.
 
 The other half is ``remote_batch_fn``: a driver ``batch_fn`` that ships a request's tile batches to
@@ -33,8 +33,8 @@ from esrdf.runtime.bundle import Manifest
 from esrdf.runtime.driver import (
     BatchFn,
     NoiseFn,
-    _sample_batch,  # the driver's per-batch sampler loop, reused rather than copied
-    _upload_step_inputs,
+    sample_batch,  # the driver's per-batch sampler loop, reused rather than copied
+    upload_step_inputs,
     upscale_array,
 )
 from esrdf.runtime.noise import noise_field
@@ -122,12 +122,12 @@ def sample_tile_rows(
         groups.setdefault(opt, []).append(i)
     for opt, members in groups.items():
         plan = plans.plan(opt)
-        batch_fn = (batch_fn_for(plan) if batch_fn_for else None) or _sample_batch
+        batch_fn = (batch_fn_for(plan) if batch_fn_for else None) or sample_batch
         size = pad_to or len(members)
         for start in range(0, len(members), size):
             chunk = members[start : start + size]
             index = chunk + [chunk[-1]] * (size - len(chunk))  # padding repeats the last row
-            step_inputs = _upload_step_inputs(engine, plan, len(index))
+            step_inputs = upload_step_inputs(engine, plan, len(index))
             hr = batch_fn(engine, lr_tiles[index], [rows[i] for i in index], noise, step_inputs, lambda: None)
             out[chunk] = hr[: len(chunk)]
     return out

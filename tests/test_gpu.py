@@ -84,7 +84,7 @@ def noise_fields(plan: StepPlan, offsets: np.ndarray, height: int, width: int) -
 def loop_by_engine_calls(
     engine: TorchEngine, lr: np.ndarray, noises: np.ndarray, plan: StepPlan
 ) -> np.ndarray:
-    """The driver's own loop (``driver._sample_batch``): one engine call per step, coarse + x on the host."""
+    """The driver's own loop (``driver.sample_batch``): one engine call per step, coarse + x on the host."""
     coarse = engine.predictor(engine.upload(lr))
     x = engine.upload(noises[0])
     batch = lr.shape[0]
@@ -225,7 +225,7 @@ def test_driver_batch_fn_is_a_drop_in_for_the_drivers_batch_loop(
     kwargs = dict(seed=5, tile=16, overlap=4, batch=4)
     want = driver.upscale_array(engine, manifest, lr, plan, **kwargs)
     sampler = CudaGraphSampler(engine, CHANNELS, SCALE, device="cpu")
-    monkeypatch.setattr(driver, "_sample_batch", driver_batch_fn(sampler, plan))
+    monkeypatch.setattr(driver, "sample_batch", driver_batch_fn(sampler, plan))
     got = driver.upscale_array(engine, manifest, lr, plan, **kwargs)
     assert got.shape == (CHANNELS, 120, 184)
     assert np.array_equal(got, want)
