@@ -96,6 +96,17 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A config file's JSON object; invalid JSON or a non-object is a ConfigError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data
+
+
 @dataclass(frozen=True)
 class PredictorConfig:
     """The main-path CNN P(lr) -> coarse HR (paper Section 4.2, Fig. 5)."""
@@ -173,13 +184,7 @@ class ModelConfig:
 
     @classmethod
     def from_json_file(cls, path: Path) -> ModelConfig:
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(path))
 
     def with_scale(self, scale: int) -> ModelConfig:
         return dataclasses.replace(self, predictor=dataclasses.replace(self.predictor, scale=scale))

@@ -11,12 +11,11 @@ are for CPU runs and tests. Gradient clipping at norm 1.0 is ours, not the paper
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from esrdf.config import ConfigError, strict_from_dict, to_jsonable
+from esrdf.config import ConfigError, read_json_object, strict_from_dict, to_jsonable
 from esrdf.losses.entropy import EntropyLossConfig
 from esrdf.losses.total import LossConfig
 
@@ -78,13 +77,7 @@ class TrainConfig:
 
     @classmethod
     def from_json_file(cls, path: Path) -> TrainConfig:
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(path))
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
