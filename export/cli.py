@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
+from esrdf.cli.errors import OneLineErrorCommand
 from esrdf.export.bundle_writer import DEFAULT_BATCH, DEFAULT_TILE, PRECISION_CHOICES
 
 
-class OneLineErrors(click.Command):
-    """Every user error, usage errors included, is one ``Error: ...`` line and exit status 2 or 1."""
-
-    def main(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs["standalone_mode"] = False
-        try:
-            return super().main(*args, **kwargs)
-        except click.exceptions.Abort:
-            click.echo("Aborted.", err=True)
-            sys.exit(1)
-        except click.ClickException as exc:
-            click.echo(f"Error: {exc.format_message()}", err=True)
-            sys.exit(exc.exit_code)
-
-
-@click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineErrorCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--ckpt", "ckpt", required=True, help="Checkpoint directory (config.json + model.safetensors).")
 @click.option(
     "--out", "out", required=True, help="Bundle directory to write (refused if it exists, see --force)."
@@ -81,6 +65,19 @@ class OneLineErrors(click.Command):
     default=None,
     help="Folder of TensorRT timing caches (one per GPU model and TensorRT version).",
 )
+@click.option(
+    "--aoti",
+    is_flag=True,
+    help="Also compile AOTInductor packages of both graphs into the bundle (aoti/), for the C++ runtime's "
+    "libtorch backend (needs a C++ compiler).",
+)
+@click.option(
+    "--triton-repo",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also write a Triton model repository here: the TensorRT plans (or, without them, the ONNX graphs) "
+    "and a Python-backend model that runs the sampler loop.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No per-stage progress.")
 def main(
     ckpt: str,
@@ -97,6 +94,8 @@ def main(
     trt_dynamic: bool,
     trt_opt_level: int,
     timing_cache: Path | None,
+    aoti: bool,
+    triton_repo: Path | None,
     quiet: bool,
 ) -> None:
     """Export a checkpoint's predictor and step graphs to an ONNX bundle, with parity figures."""
@@ -108,6 +107,8 @@ def main(
 
     if trt:
         _check_tensorrt_request(precision)
+    if aoti and no_torch_weights:
+        raise click.ClickException("--aoti compiles the bundle's torch weights: drop --no-torch-weights")
     try:
         bundle = export_bundle(
             ckpt,
@@ -133,6 +134,36 @@ def main(
             progress=None if quiet else click.echo,
         )  # fmt: skip
         click.echo(f"built {len(entries)} TensorRT engine(s) into {bundle}")
+    if aoti:
+        _add_aoti_packages(bundle, quiet)
+    if triton_repo is not None:
+        _write_triton_repo(bundle, triton_repo, tile, batch, force)
+
+
+def _add_aoti_packages(bundle: Path, quiet: bool) -> None:
+    """AOTInductor packages for the C++ runtime (``esrdf.export.aoti``), at the bundle's tile and batch."""
+    from esrdf.export.aoti import AotiError, add_aoti_packages
+    from esrdf.runtime.bundle import BundleError
+
+    try:
+        target = add_aoti_packages(bundle, progress=None if quiet else click.echo)
+    except (AotiError, BundleError, OSError) as exc:
+        raise click.ClickException(f"--aoti: {exc}") from exc
+    click.echo(f"wrote AOTInductor packages to {target}")
+
+
+def _write_triton_repo(bundle: Path, target: Path, tile: int, batch: int, force: bool) -> None:
+    """The Triton model repository for ``bundle`` (``esrdf.runtime.triton_repo``), with its notes."""
+    from esrdf.runtime.bundle import BundleError
+    from esrdf.runtime.triton_repo import TritonRepoOptions, write_triton_repo
+
+    try:
+        repo = write_triton_repo(bundle, target, TritonRepoOptions(tile=tile, batch=batch), force=force)
+    except (BundleError, OSError) as exc:
+        raise click.ClickException(f"--triton-repo: {exc}") from exc
+    click.echo(f"wrote Triton model repository {repo.path} ({repo.platform} models)")
+    for note in repo.notes:
+        click.echo(f"note: {note}")
 
 
 def _check_tensorrt_request(precision: str) -> None:

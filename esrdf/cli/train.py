@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, TypeVar
 
 import click
 
+from esrdf.cli.errors import OneLineErrorGroup
 from esrdf.config import ConfigError, ModelConfig, preset
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -141,32 +141,6 @@ def _common_train_options(func: F) -> F:
     for option in reversed(options):
         func = option(func)
     return func
-
-
-class OneLineErrorGroup(click.Group):
-    """A click group whose errors, usage errors included, print as one ``Error: ...`` line."""
-
-    def main(
-        self,
-        args: Sequence[str] | None = None,
-        prog_name: str | None = None,
-        complete_var: str | None = None,
-        standalone_mode: bool = True,
-        **extra: Any,
-    ) -> Any:
-        if not standalone_mode:
-            return super().main(args, prog_name, complete_var, False, **extra)
-        try:
-            result = super().main(args, prog_name, complete_var, False, **extra)
-        except click.ClickException as exc:
-            hint = " (see --help)" if isinstance(exc, click.UsageError) else ""
-            message = " ".join(exc.format_message().split())  # click wraps some messages over lines
-            click.echo(f"Error: {message}{hint}", err=True)
-            sys.exit(exc.exit_code)
-        except click.Abort:
-            click.echo("Aborted!", err=True)
-            sys.exit(1)
-        sys.exit(result if isinstance(result, int) else 0)
 
 
 @click.group(cls=OneLineErrorGroup)
