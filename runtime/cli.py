@@ -1,5 +1,6 @@
 """``esrdf-run``: upscale an image or a folder of images with an exported bundle.
 
+    esrdf-run -i photo.png -o photo_x4.png                 # the default model shipped in the package
     esrdf-run --engine bundle/ -i photo.png -o photo_x4.png
     esrdf-run --engine bundle/ -i photos/ -o photos_x4/ --steps 20 --seed 1
 
@@ -144,8 +145,32 @@ def run_jobs(
     return report
 
 
+def shipped_bundle_dir() -> Path:
+    """The default model's bundle inside the package (imported here, lazily: it is only needed without
+    --engine; the import is standard-library only, so the runtime stays torch-free)."""
+    from esrdf.default_model import default_bundle_dir
+
+    try:
+        return default_bundle_dir()
+    except FileNotFoundError as exc:
+        raise click.ClickException(f"{exc}; or pass --engine BUNDLE_DIR") from None
+
+
+def shipped_model_eta() -> float:
+    """The eta the default model was evaluated with (MODEL_CARD.md): its U-Net needs stochastic steps."""
+    from esrdf.default_model import RECOMMENDED_ETA
+
+    return RECOMMENDED_ETA
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--engine", "engine_dir", required=True, type=click.Path(path_type=Path), help="Bundle folder.")
+@click.option(
+    "--engine",
+    "engine_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Bundle folder [the default model shipped with esrdf].",
+)
 @click.option(
     "-i",
     "--input",
@@ -164,7 +189,12 @@ def run_jobs(
 )
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="DDIM steps (default 50, at most T).")
 @click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)
-@click.option("--eta", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True)
+@click.option(
+    "--eta",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="DDIM eta [0; without --engine, the default model's recommended eta].",
+)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--tile", type=click.IntRange(min=0), default=None, help="LR tile size; 0 = whole image.")
 @click.option("--overlap", type=click.IntRange(min=0), default=None, help="LR pixels; default tile / 8.")
@@ -185,7 +215,8 @@ def run_jobs(
     "--no-cuda-graph", is_flag=True, help="On CUDA, run the sampler as stream execution, not graph replays."
 )
 def main(
-    engine_dir: Path, source: Path, target: Path, steps: int | None, sampler: str, eta: float, seed: int,
+    engine_dir: Path | None, source: Path, target: Path, steps: int | None, sampler: str, eta: float | None,
+    seed: int,
     tile: int | None, overlap: int | None, batch: int | None, precision: str, backend: str, device: str,
     threads: int | None, overwrite: bool, max_pixels: int, no_cuda_graph: bool,
 ) -> None:  # fmt: skip
@@ -194,9 +225,11 @@ def main(
     if source.is_dir():
         target.mkdir(parents=True, exist_ok=True)
     console = plain_console()
+    if eta is None:
+        eta = 0.0 if engine_dir is not None else shipped_model_eta()
     try:
         upscaler = Upscaler(
-            engine_dir, backend, device, precision, threads, tile, overlap, batch,
+            engine_dir or shipped_bundle_dir(), backend, device, precision, threads, tile, overlap, batch,
             cuda_graph=not no_cuda_graph,
         )  # fmt: skip
         upscaler.step_plan(steps, sampler, eta)  # bad sampling options fail once here, not once per image

@@ -1,0 +1,245 @@
+"""The recipe of the shipped default 4x model: train on the offline photos, export, install into the package.
+
+``python -m esrdf.default_model.recipe train --out out/default_model`` trains both stages, resuming each one
+from its own checkpoint after an interruption (run the same command again). ``... ship --out
+out/default_model`` exports the onnxruntime bundle and copies the checkpoint and bundle into this package.
+``... evaluate`` scores the installed checkpoint on the held-out photos (MODEL_CARD.md's table).
+``make default-model`` runs train and ship.
+
+The settings are the paper's networks and objectives (Section 3 and 4, Eq. 1-7 and 15) cut down to a
+budget of about one hour on a 2-core CPU:
+
+- predictor: the paper's (2.38M parameters); L = L_Em + L_Pixel (Eq. 10-14) with L_Em over 32 bins instead
+  of 256 (same kernel width in bins), and without L_Feat, whose VGG16 pass cost about 40% more time per step
+  and whose unweighted value was ~10x L_Pixel, pulling away from PSNR in a short run;
+- U-Net: a smaller SR3 U-Net than ``small`` (32 channels, multipliers 1,2,2,2, one res block per level,
+  1.44M parameters) so that checkpoint and bundle fit the 30 MB package budget; the paper's schedule
+  (linear beta 1e-6..1e-2, T = 200) and L1 on eps;
+- the predictor on 64 px HR crops (16 px LR), the U-Net on 48 px crops (its step costs ~2x the
+  predictor's), of photos shrunk to a 1024 px longer side, batch 8.
+
+The U-Net run of the shipped model was stopped at step 901 to fit the time budget (``DIFFUSION_STEPS``);
+a run stopped and resumed equals an uninterrupted one of the same length (``esrdf.training``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from esrdf.config import ModelConfig, UNetConfig, preset
+
+if TYPE_CHECKING:  # the training config imports the losses, hence torch: only where it is used
+    from esrdf.training.config import TrainConfig
+
+PREDICTOR_DIR, DIFFUSION_DIR = "predictor", "diffusion"
+SHIP_CKPT_DIR, BUNDLE_DIR = "ship_checkpoint", "bundle"
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+# Steps chosen from a 20-step probe of each stage on the 2-core CPU dev machine (see MODEL_CARD.md).
+PREDICTOR_STEPS = 700
+DIFFUSION_STEPS = 901
+
+
+def default_model_config() -> ModelConfig:
+    """The paper predictor with a 1.44M-parameter U-Net and the paper's schedule."""
+    unet = UNetConfig(
+        inner_channels=32,
+        channel_mults=(1, 2, 2, 2),
+        attn_resolutions=(16,),
+        res_blocks=1,
+        norm_groups=16,
+        train_size=128,
+    )
+    return dataclasses.replace(preset("paper"), name="default", unet=unet)
+
+
+def predictor_train_config(steps: int) -> TrainConfig:
+    from esrdf.losses.entropy import EntropyLossConfig
+    from esrdf.losses.total import LossConfig
+    from esrdf.training.config import TrainConfig
+
+    loss = LossConfig(w_feat=0.0, entropy=EntropyLossConfig(bins=32, sigma=0.08))
+    return TrainConfig(
+        kind="predictor",
+        steps=steps,
+        batch=8,
+        crop=64,
+        lr=5e-4,
+        save_every=50,
+        max_side=1024,
+        predictor_loss=loss,
+    )
+
+
+def diffusion_train_config(steps: int) -> TrainConfig:
+    from esrdf.training.config import TrainConfig
+
+    return TrainConfig(
+        kind="diffusion",
+        steps=steps,
+        batch=8,
+        crop=48,
+        lr=3e-4,
+        ema_decay=0.99,
+        save_every=50,
+        max_side=1024,
+    )
+
+
+def _resumable(out_dir: Path) -> bool:
+    return (out_dir / "train.json").exists()
+
+
+def train_default_model(out: Path, predictor_steps: int, diffusion_steps: int, progress: bool = True) -> Path:
+    """Train the predictor, then the U-Net on its frozen residuals; each stage resumes where it stopped."""
+    from esrdf.data import offline_training_photos
+    from esrdf.training.diffusion import train_diffusion
+    from esrdf.training.predictor import train_predictor
+
+    photos = offline_training_photos()
+    if not photos:
+        raise click.ClickException("no offline training photos: run `make photos` first")
+    cfg = default_model_config()
+    pred_dir, diff_dir = out / PREDICTOR_DIR, out / DIFFUSION_DIR
+    result = train_predictor(
+        photos,
+        pred_dir,
+        cfg,
+        predictor_train_config(predictor_steps),
+        resume=_resumable(pred_dir),
+        progress=progress,
+    )
+    if result.interrupted:
+        raise SystemExit(130)
+    result = train_diffusion(
+        photos,
+        pred_dir,
+        diff_dir,
+        diffusion_train_config(diffusion_steps),
+        model_cfg=cfg,
+        resume=_resumable(diff_dir),
+        progress=progress,
+    )
+    if result.interrupted:
+        raise SystemExit(130)
+    return diff_dir
+
+
+def ship_checkpoint(diffusion_dir: Path, target: Path) -> Path:
+    """The inference checkpoint: predictor + the U-Net's EMA weights (stored as ``unet.*``), no optimizer
+    state, floating-point tensors stored in fp16 to fit the package budget.
+
+    Loading upcasts them: ``load_state_dict`` copies into the fp32 parameters the config builds. The bundle
+    is exported from this fp16-rounded checkpoint, so checkpoint and bundle are the same model.
+    """
+    from safetensors.torch import save_file
+
+    from esrdf.checkpoint import MODEL_FILE, load_checkpoint, read_tensors, save_checkpoint
+
+    loaded = load_checkpoint(diffusion_dir)  # unet holds the EMA weights when the checkpoint has them
+    save_checkpoint(target, loaded.config, loaded.predictor, loaded.unet, overwrite=True)
+    file = target / MODEL_FILE
+    tensors = {k: v.half() if v.is_floating_point() else v for k, v in read_tensors(file).items()}
+    save_file(tensors, str(file))
+    return target
+
+
+def ship_default_model(out: Path, package_dir: Path = PACKAGE_DIR) -> dict[str, int]:
+    """Export an fp32 onnxruntime bundle and install checkpoint + bundle into ``package_dir``; file sizes."""
+    from esrdf.export import export_bundle
+
+    ckpt = ship_checkpoint(out / DIFFUSION_DIR, out / SHIP_CKPT_DIR)
+    bundle = export_bundle(ckpt, out / BUNDLE_DIR, precision="fp32", torch_weights=False, force=True)
+    sizes: dict[str, int] = {}
+    for name, src in (("checkpoint", ckpt), ("bundle", bundle)):
+        dst = package_dir / name
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(src, dst)
+        sizes |= {f"{name}/{f.name}": f.stat().st_size for f in sorted(dst.iterdir()) if f.is_file()}
+    return sizes
+
+
+HELD_OUT_SKIMAGE = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")
+
+
+def write_held_out_photos(directory: Path) -> list[Path]:
+    """The held-out evaluation photos of DESIGN.md section 5 as PNG files: scikit-image's astronaut, coffee,
+    chelsea, rocket and hubble_deep_field, scikit-learn's china and flower (scipy's face needs scipy<=1.11).
+    """
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+    from sklearn.datasets import load_sample_images
+
+    photos = {name: getattr(data, name)() for name in HELD_OUT_SKIMAGE}
+    sample = load_sample_images()
+    photos |= {Path(f).stem: img for f, img in zip(sample.filenames, sample.images, strict=True)}
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, img in photos.items():
+        path = directory / f"{name}.png"
+        Image.fromarray(np.ascontiguousarray(img[..., :3])).save(path)
+        written.append(path)
+    return written
+
+
+def evaluate_default_model(
+    ckpt: Path, photos_dir: Path, steps: int, eta: float, report_path: Path
+) -> dict[str, dict[str, float | None]]:
+    """Bicubic vs predictor-only vs full ESRDF on the held-out photos (``esrdf.evaluate``); mean scores."""
+    from esrdf.evaluate import evaluate
+
+    write_held_out_photos(photos_dir)
+    report = evaluate(ckpt, photos_dir, steps=steps, sampler="ddim", eta=eta, seed=0, progress=False)
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(report.to_json())
+    return report.means
+
+
+@click.group()
+def main() -> None:
+    """Reproduce the shipped default model."""
+
+
+@main.command("train")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("out/default_model"), show_default=True)
+@click.option("--predictor-steps", type=click.IntRange(min=1), default=PREDICTOR_STEPS, show_default=True)
+@click.option("--diffusion-steps", type=click.IntRange(min=1), default=DIFFUSION_STEPS, show_default=True)
+@click.option("--no-progress", is_flag=True)
+def train_command(out: Path, predictor_steps: int, diffusion_steps: int, no_progress: bool) -> None:
+    """Train (or resume) both stages into --out."""
+    click.echo(str(train_default_model(out, predictor_steps, diffusion_steps, progress=not no_progress)))
+
+
+@main.command("ship")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("out/default_model"), show_default=True)
+@click.option("--package-dir", type=click.Path(path_type=Path), default=PACKAGE_DIR, show_default=True)
+def ship_command(out: Path, package_dir: Path) -> None:
+    """Export the bundle and install checkpoint + bundle into esrdf/default_model/."""
+    click.echo(json.dumps(ship_default_model(out, package_dir), indent=2))
+
+
+@main.command("evaluate")
+@click.option(
+    "--ckpt", type=click.Path(path_type=Path), default=PACKAGE_DIR / "checkpoint", show_default=True
+)
+@click.option("--photos", type=click.Path(path_type=Path), default=Path("out/held_out"), show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="DDIM steps.")
+@click.option("--eta", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True)
+@click.option(
+    "--json", "report_path", type=click.Path(path_type=Path), default=Path("out/default_model/eval.json")
+)
+def evaluate_command(ckpt: Path, photos: Path, steps: int, eta: float, report_path: Path) -> None:
+    """Score the model on the held-out photos; print mean scores per method."""
+    click.echo(json.dumps(evaluate_default_model(ckpt, photos, steps, eta, report_path), indent=2))
+
+
+if __name__ == "__main__":
+    main()
