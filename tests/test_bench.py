@@ -164,7 +164,8 @@ def test_missing_backend_is_skipped_with_a_reason(cli_report, bundle_dir):
     statuses = {s["name"]: s for s in cli_report[0]["backends"]}
     assert statuses["torch-fp16"]["status"] == "skipped"
     assert "CUDA" in statuses["torch-fp16"]["reason"]
-    assert statuses["onnxruntime"]["status"] == "ok" and statuses["onnxruntime"]["rss_added_mib"] > 0
+    # RSS need not grow (pages freed by an earlier backend are reused), so only its presence is checked.
+    assert statuses["onnxruntime"]["status"] == "ok" and statuses["onnxruntime"]["rss_added_mib"] >= 0
     bundle = load_bundle(bundle_dir)
     fp32_only = Bundle(
         bundle.root,
