@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import click
 
 from esrdf.bench.backends import BACKENDS
 from esrdf.bench.quality import DEFAULT_STEPS, QualityError, QualityOptions
+from esrdf.cli.errors import OneLineErrorCommand
 
 
 class IntList(click.ParamType):
@@ -38,21 +38,6 @@ class IntList(click.ParamType):
         if not numbers or min(numbers) < 1:
             self.fail(f"{value!r}: give one or more positive integers", param, ctx)
         return numbers
-
-
-class OneLineErrors(click.Command):
-    """Every user error, usage errors included, is one ``Error: ...`` line and exit status 2 or 1."""
-
-    def main(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs["standalone_mode"] = False
-        try:
-            return super().main(*args, **kwargs)
-        except click.exceptions.Abort:
-            click.echo("Aborted.", err=True)
-            sys.exit(1)
-        except click.ClickException as exc:
-            click.echo(f"Error: {' '.join(exc.format_message().split())}", err=True)
-            sys.exit(exc.exit_code)
 
 
 def json_safe(value: Any) -> Any:
@@ -90,7 +75,7 @@ def _check_plot_support() -> None:
         raise click.ClickException(INSTALL_HINT) from exc
 
 
-@click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineErrorCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--engine", "engine", required=True, type=click.Path(path_type=Path), help="Bundle directory.")
 @click.option(
     "--backends",

@@ -226,9 +226,13 @@ def _flops_section(ctx: _Context) -> tuple[Any, Any]:
     from esrdf.bench.flops import measured_gemm_peak, model_flops
 
     try:
-        predictor, unet = ctx.models()
+        before = rss_mib()
+        predictor, unet = ctx.models()  # loaded once here for every torch backend: counted under eager
+        after = rss_mib()
     except bk.BackendSkipped as exc:
         return {"skipped": str(exc)}, {"skipped": str(exc)}
+    if before is not None and after is not None:
+        ctx.rss_open_mib["eager"] = round(max(0.0, after - before), 1)
     rows = model_flops(predictor, unet, sorted(set(ctx.options.batches) | {1}), ctx.tile, ctx.scale)
     flops = [asdict(r) | {"gflop": round(r.gflop, 4)} for r in rows]
     dtypes = ["float32"] + (["float16"] if ctx.options.device == "cuda" else [])
@@ -259,7 +263,8 @@ def _open_runners(ctx: _Context) -> tuple[list[bk.Runner], list[dict[str, Any]]]
             runners.append(bk.open_runner(name, ctx.bundle, o.device, o.threads, ctx.models))
             after = rss_mib()
             if before is not None and after is not None:
-                ctx.rss_open_mib[name] = round(max(0.0, after - before), 1)
+                opened = ctx.rss_open_mib.get(name, 0.0) + max(0.0, after - before)
+                ctx.rss_open_mib[name] = round(opened, 1)
         except bk.BackendSkipped as exc:
             skipped.append({"name": name, "what": bk.BACKENDS[name], "status": "skipped", "reason": str(exc)})
             ctx.log(f"{name}: skipped ({exc})")
