@@ -267,24 +267,36 @@ def write_bundle_atomically(
     """
     target = Path(target).absolute()
     _check_replaceable(target, force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a bundle is meant to be read by the service's user too
+    tmp = staging_dir(target)
     try:
         result = build_fn(tmp)
         load_bundle(tmp, verify=True)  # never rename an inconsistent bundle into place
         _check_replaceable(target, force)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            target.rename(old / "bundle")
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
+        publish_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return result
+
+
+def staging_dir(target: Path) -> Path:
+    """A fresh folder beside ``target`` to build into; renaming it there is atomic (same filesystem)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; bundles and repositories are read by a service's user too
+    return tmp
+
+
+def publish_dir(tmp: Path, target: Path) -> None:
+    """Rename the finished ``tmp`` to ``target``; an existing target is moved aside first, then deleted,
+    so at every moment ``target`` is either the old folder or the complete new one."""
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        target.rename(old / target.name)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(target)
 
 
 def _check_replaceable(target: Path, force: bool) -> None:

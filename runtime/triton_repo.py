@@ -27,14 +27,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from esrdf.runtime.bundle import MANIFEST_NAME, Bundle, BundleError, EngineEntry, load_bundle
+from esrdf.runtime.bundle import (
+    MANIFEST_NAME,
+    Bundle,
+    BundleError,
+    EngineEntry,
+    load_bundle,
+    publish_dir,
+    staging_dir,
+)
 from esrdf.runtime.graph_spec import PREDICTOR, STEP, GraphSpec, graph_spec
 
 PREDICTOR_MODEL = "esrdf_predictor"
@@ -303,18 +310,10 @@ def write_triton_repo(
     bundle = load_bundle(bundle_dir)
     target = Path(out_dir).absolute()
     _check_replaceable(target, force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    os.chmod(tmp, 0o755)  # Triton often runs as another user
+    tmp = staging_dir(target)
     try:
         repo = _build(bundle, options or TritonRepoOptions(), tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            target.rename(old / "repo")
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
+        publish_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
