@@ -122,7 +122,15 @@ def plans(quick: bool) -> dict[str, ModelRun]:
             "default": ModelRun(16, (*common, *quality), "eager,onnxruntime"),
         }
     common = ("--repeats", "5", "--warmup", "1", "--max-seconds", "5")
-    quality = ("--quality", "--quality-steps", "1,2,5,10,20,50", "--quality-max-size", "128")
+    quality = (
+        "--quality",
+        "--quality-steps",
+        "1,2,5,10,20,50",
+        "--quality-eta",
+        "0,1",
+        "--quality-max-size",
+        "128",
+    )
     return {
         "paper": ModelRun(16, (*common, "--steps", "1,4,10", "--batch", "1", "--reference", "--cpu-tuning")),
         "small": ModelRun(32, (*common, "--steps", "1,4,10,20", "--batch", "1,2,4", "--reference")),

@@ -222,17 +222,19 @@ def test_quality_sweep_rows_are_finite(bundle_dir, astronaut):
     photo = {"astronaut": astronaut[40:104, 180:244]}
     result = quality_sweep(
         tiny_checkpoint(bundle_dir.parent),
-        QualityOptions(steps=(1, 3), ddpm=True, lpips=False, max_size=64),
+        QualityOptions(steps=(1, 3), etas=(0.0, 1.0), ddpm=True, lpips=False, max_size=64),
         photos=photo,
         log=lambda _m: None,
     )
-    rows = [(r["method"], r["sampler"], r["steps"]) for r in result["rows"]]
+    rows = [(r["method"], r["sampler"], r["steps"], r["eta"]) for r in result["rows"]]
     assert rows == [
-        ("bicubic", None, 0),
-        ("predictor", None, 0),
-        ("esrdf", "ddim", 1),
-        ("esrdf", "ddim", 3),
-        ("esrdf", "ddpm", 200),
+        ("bicubic", None, 0, None),
+        ("predictor", None, 0, None),
+        ("esrdf", "ddim", 1, 0.0),
+        ("esrdf", "ddim", 3, 0.0),
+        ("esrdf", "ddim", 1, 1.0),
+        ("esrdf", "ddim", 3, 1.0),
+        ("esrdf", "ddpm", 200, 1.0),
     ]
     for r in result["rows"]:
         assert all(np.isfinite(r[k]) for k in ("psnr_rgb", "ssim_rgb", "psnr_y", "ssim_y")), r

@@ -21,6 +21,25 @@ from esrdf.bench.quality import DEFAULT_STEPS, QualityError, QualityOptions
 from esrdf.cli.errors import OneLineErrorCommand
 
 
+class FloatList(click.ParamType):
+    """A comma-separated list of numbers, e.g. ``0,1``."""
+
+    name = "X[,X...]"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[float, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            numbers = tuple(float(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of numbers", param, ctx)
+        if not numbers:
+            self.fail(f"{value!r}: give one or more numbers", param, ctx)
+        return numbers
+
+
 class IntList(click.ParamType):
     """A comma-separated list of positive integers, e.g. ``1,4,10``."""
 
@@ -120,6 +139,13 @@ def _check_plot_support() -> None:
 @click.option(
     "--quality-max-size", type=int, default=128, show_default=True, help="HR crop side for --quality."
 )
+@click.option(
+    "--quality-eta",
+    type=FloatList(),
+    default="0",
+    show_default=True,
+    help="DDIM eta values for --quality: 0 deterministic, 1 ancestral noise.",
+)
 @click.option("--no-ddpm-quality", is_flag=True, help="Leave the DDPM-over-T row out of --quality.")
 @click.option("--no-lpips", is_flag=True, help="Do not score LPIPS.")
 @click.option(
@@ -154,6 +180,7 @@ def main(
     ckpt: Path | None,
     quality_steps: tuple[int, ...],
     quality_max_size: int,
+    quality_eta: tuple[float, ...],
     no_ddpm_quality: bool,
     no_lpips: bool,
     data: Path | None,
@@ -185,9 +212,15 @@ def main(
     try:
         report = run_benchmark(options, log=_log)
         if quality:
-            report["quality"] = _quality(
-                report, ckpt, quality_steps, quality_max_size, no_ddpm_quality, no_lpips, data, device
+            sweep = QualityOptions(
+                steps=quality_steps,
+                etas=quality_eta,
+                ddpm=not no_ddpm_quality,
+                lpips=not no_lpips,
+                max_size=quality_max_size,
+                device=device,
             )
+            report["quality"] = _quality(report, ckpt, sweep, data)
     except (BenchError, QualityError) as exc:
         raise click.ClickException(str(exc)) from exc
     text = markdown_report(report)
@@ -196,15 +229,9 @@ def main(
 
 
 def _quality(
-    report: dict[str, Any],
-    ckpt: Path | None,
-    steps: tuple[int, ...],
-    max_size: int,
-    no_ddpm: bool,
-    no_lpips: bool,
-    data: Path | None,
-    device: str,
+    report: dict[str, Any], ckpt: Path | None, options: QualityOptions, data: Path | None
 ) -> dict[str, Any]:
+    """The quality sweep on ``ckpt``, or on the eager weights the benchmarked bundle carries."""
     from esrdf.bench.quality import quality_sweep
     from esrdf.runtime.bundle import load_bundle
 
@@ -213,9 +240,6 @@ def _quality(
         if not isinstance(rel, str):
             raise QualityError("--quality needs --ckpt (the bundle carries no torch weights)")
         ckpt = (Path(report["bundle"]["path"]) / rel).parent
-    options = QualityOptions(
-        steps=steps, ddpm=not no_ddpm, lpips=not no_lpips, max_size=max_size, device=device
-    )
     return quality_sweep(ckpt, options, data_dir=data, log=_log)
 
 

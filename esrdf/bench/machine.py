@@ -101,7 +101,11 @@ def library_versions() -> dict[str, str]:
     for entry in LIBRARIES:
         label, _, module = entry.partition(":")
         try:
-            versions[label] = str(getattr(importlib.import_module(module or label), "__version__", "?"))
+            version = getattr(importlib.import_module(module or label), "__version__", None)
+            # tensorrt-stubs installs an importable namespace package without a version (or a runtime)
+            versions[label] = (
+                str(version) if version else "no __version__ (type stubs or a namespace package)"
+            )
         except Exception as exc:  # ImportError, or a broken install raising something else at import
             versions[label] = f"not available ({type(exc).__name__})"
     return versions

@@ -72,54 +72,47 @@ def plot_latency(report: dict[str, Any], path: Path) -> Path:
     return path
 
 
+ETA_COLOURS = ("tab:blue", "tab:orange", "tab:purple", "tab:red", "tab:brown")
+
+
+def _quality_panel(ax: Any, rows: list[dict[str, Any]], scores: tuple[str, ...], label: str) -> None:
+    """One score family: a DDIM line per eta and convention, DDPM stars, bicubic/predictor levels."""
+    etas = sorted({r["eta"] for r in rows if r["sampler"] == "ddim"})
+    for score, style in zip(scores, ("-", ":"), strict=False):
+        if any(r[score] is None for r in rows):
+            continue
+        for eta, colour in zip(etas, ETA_COLOURS, strict=False):
+            ddim = sorted(
+                (r for r in rows if r["sampler"] == "ddim" and r["eta"] == eta), key=lambda r: r["steps"]
+            )
+            ax.plot([r["steps"] for r in ddim], [r[score] for r in ddim], marker="o", linestyle=style,
+                    color=colour, label=f"DDIM eta={eta:g} ({score})")  # fmt: skip
+        for r in (r for r in rows if r["sampler"] == "ddpm"):
+            ax.plot([r["steps"]], [r[score]], marker="*", markersize=12, linestyle="none", color="black",
+                    label=f"DDPM T={r['steps']} ({score})")  # fmt: skip
+        for r, colour in zip((x for x in rows if x["sampler"] is None), ("grey", "tab:green"), strict=False):
+            ax.axhline(r[score], color=colour, linestyle=style, label=f"{r['method']} ({score})")
+    ax.set_xscale("log")
+    ax.set_xlabel("steps")
+    ax.set_ylabel(label)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6)
+
+
 def plot_quality(quality: dict[str, Any], path: Path) -> Path:
-    """PSNR, SSIM (RGB full image and Y border-cropped) and LPIPS against steps; bicubic and predictor-only
-    as horizontal lines; the DDPM-over-T point as a star."""
-    fig = _figure(11.0, 3.8)
+    """PSNR, SSIM (Y border-cropped solid, RGB full image dotted) and LPIPS against steps: a DDIM line per
+    eta, the DDPM-over-T point as a star, bicubic and predictor-only as horizontal lines."""
+    fig = _figure(12.0, 4.2)
     panels = [
         ("PSNR (dB)", ("psnr_y", "psnr_rgb")),
         ("SSIM", ("ssim_y", "ssim_rgb")),
         ("LPIPS (lower is better)", ("lpips",)),
     ]
-    rows = quality["rows"]
-    ddim = sorted((r for r in rows if r["sampler"] == "ddim"), key=lambda r: r["steps"])
-    ddpm = [r for r in rows if r["sampler"] == "ddpm"]
     for index, (label, scores) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), index + 1)
-        for score, style in zip(scores, ("-", ":"), strict=False):
-            if any(r[score] is None for r in rows):
-                continue
-            line = ax.plot(
-                [r["steps"] for r in ddim],
-                [r[score] for r in ddim],
-                marker="o",
-                linestyle=style,
-                label=f"ESRDF DDIM ({score})",
-            )[0]
-            for r in ddpm:
-                ax.plot(
-                    [r["steps"]],
-                    [r[score]],
-                    marker="*",
-                    markersize=12,
-                    color=line.get_color(),
-                    linestyle="none",
-                    label=f"ESRDF DDPM T={r['steps']} ({score})",
-                )
-            for r, colour in zip(
-                (x for x in rows if x["sampler"] is None), ("grey", "tab:green"), strict=False
-            ):
-                ax.axhline(r[score], color=colour, linestyle=style, label=f"{r['method']} ({score})")
-        ax.set_xscale("log")
-        ax.set_xlabel("steps")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6)
-    fig.suptitle(
-        f"{quality['model']} checkpoint {Path(quality['checkpoint']).name}, "
-        f"{len(quality['images'])} held-out photos (crops <= {quality['max_size']} px)",
-        fontsize=9,
-    )
+        _quality_panel(fig.add_subplot(1, len(panels), index + 1), quality["rows"], scores, label)
+    checkpoint = "/".join(Path(quality["checkpoint"]).parts[-2:])
+    fig.suptitle(f"{quality['model']} model ({checkpoint}), {len(quality['images'])} held-out photos "
+                 f"(crops <= {quality['max_size']} px)", fontsize=9)  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path

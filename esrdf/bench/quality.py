@@ -24,6 +24,7 @@ HELD_OUT = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "ch
 DEFAULT_STEPS = (1, 2, 5, 10, 20, 50)
 SCORES = ("psnr_rgb", "ssim_rgb", "psnr_y", "ssim_y", "lpips")
 Log = Callable[[str], None]
+Sampler = Literal["ddim", "ddpm"]
 
 
 class QualityError(ValueError):
@@ -34,7 +35,7 @@ class QualityError(ValueError):
 class QualityOptions:
     steps: tuple[int, ...] = DEFAULT_STEPS  # DDIM step counts
     ddpm: bool = True  # also DDPM ancestral over all T
-    eta: float = 0.0
+    etas: tuple[float, ...] = (0.0,)  # DDIM eta values: 0 deterministic, 1 ancestral (DDPM-like) noise
     seed: int = 0
     lpips: bool = True
     max_size: int | None = 128  # HR crop side; the U-Net runs on the whole crop
@@ -89,25 +90,18 @@ def _means(means: dict[str, dict[str, float | None]], method: str) -> dict[str, 
 
 
 def _row(
-    method: str, sampler: str | None, steps: int, scores: dict[str, float | None], **extra: Any
+    method: str, sampler: str | None, steps: int, eta: float | None, scores: dict[str, Any]
 ) -> dict[str, Any]:
-    return {"method": method, "sampler": sampler, "steps": steps, **scores, **extra}
+    return {"method": method, "sampler": sampler, "steps": steps, "eta": eta, **scores}
 
 
-def quality_sweep(
-    ckpt: Path,
-    options: QualityOptions,
-    data_dir: Path | None = None,
-    photos: dict[str, np.ndarray] | None = None,
-    log: Log = print,
-) -> dict[str, Any]:
-    """Rows of mean scores: bicubic, predictor-only, ESRDF with DDIM at each step count, ESRDF with DDPM."""
+def _load(ckpt: Path, options: QualityOptions) -> tuple[Any, Any]:
+    """(checkpoint, torch device), or ``QualityError`` with one line."""
     from esrdf.checkpoint import CheckpointError, load_checkpoint
-    from esrdf.evaluate import EvalError, EvalOptions, evaluate_models, resolve_device
+    from esrdf.evaluate import EvalError, resolve_device
 
     try:
-        loaded = load_checkpoint(Path(ckpt))
-        device = resolve_device(options.device)
+        loaded, device = load_checkpoint(Path(ckpt)), resolve_device(options.device)
     except (CheckpointError, EvalError, ValueError) as exc:
         raise QualityError(str(exc)) from exc
     if loaded.unet is None:
@@ -117,65 +111,100 @@ def quality_sweep(
         raise QualityError(
             f"quality steps must be in 1..{timesteps} (the schedule's T), got {list(options.steps)}"
         )
+    if not options.etas or any(not 0.0 <= e <= 1.0 for e in options.etas):
+        raise QualityError(f"DDIM eta values must be in [0, 1], got {list(options.etas)}")
+    return loaded, device
+
+
+def _runs(options: QualityOptions, timesteps: int) -> list[tuple[Sampler, int, float]]:
+    """(sampler, steps, eta) per evaluation pass: DDIM at every eta and step count, then DDPM over T."""
+    runs: list[tuple[Sampler, int, float]] = [
+        ("ddim", n, eta) for eta in options.etas for n in sorted(set(options.steps))
+    ]
+    return runs + ([("ddpm", timesteps, 1.0)] if options.ddpm else [])
+
+
+def _evaluate(
+    loaded: Any,
+    device: Any,
+    folder: Path,
+    run: tuple[Sampler, int, float],
+    options: QualityOptions,
+    lpips: bool,
+) -> tuple[Any, float]:
+    """One esrdf-eval pass over the folder; (its report, wall seconds per photo)."""
+    from esrdf.evaluate import EvalError, EvalOptions, evaluate_models
+
+    sampler, steps, eta = run
+    eval_options = EvalOptions(
+        steps=steps,
+        sampler=sampler,
+        eta=eta,
+        seed=options.seed,
+        lpips=lpips,
+        max_size=options.max_size,
+        progress=False,
+    )
+    start = time.perf_counter()
+    try:
+        report = evaluate_models(
+            loaded.config,
+            loaded.predictor,
+            loaded.unet,
+            folder,
+            eval_options,
+            device,
+            checkpoint=str(loaded.path),
+        )
+    except EvalError as exc:
+        raise QualityError(str(exc)) from exc
+    return report, (time.perf_counter() - start) / len(report.images)
+
+
+def _report_meta(report: Any) -> dict[str, Any]:
+    """How the photos were scored (esrdf.evaluate's conventions) and the sizes actually scored."""
+    images = [
+        {"name": r.name, "original_size": list(r.original_size), "evaluated_size": list(r.evaluated_size)}
+        for r in report.images
+    ]
+    return {"conventions": report.conventions, "images": images}
+
+
+def quality_sweep(
+    ckpt: Path,
+    options: QualityOptions,
+    data_dir: Path | None = None,
+    photos: dict[str, np.ndarray] | None = None,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Rows of mean scores: bicubic, predictor-only, ESRDF with DDIM at each eta and step count, ESRDF
+    with DDPM over all T; plus the PSNR-Y of every photo per row."""
+    loaded, device = _load(ckpt, options)
+    timesteps = loaded.config.schedule.timesteps
     use_lpips, lpips_note = lpips_status(options.lpips)
-    runs: list[tuple[Literal["ddim", "ddpm"], int]] = [("ddim", n) for n in sorted(set(options.steps))]
-    runs += [("ddpm", timesteps)] if options.ddpm else []
     rows: list[dict[str, Any]] = []
     per_image: dict[str, dict[str, float | None]] = {}
+    meta: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="esrdf-bench-photos-") as tmp:
         folder = data_dir or write_photos(photos if photos is not None else held_out_photos(), Path(tmp))
-        for sampler, steps in runs:
-            eval_options = EvalOptions(
-                steps=steps,
-                sampler=sampler,
-                eta=options.eta,
-                seed=options.seed,
-                lpips=use_lpips,
-                max_size=options.max_size,
-                progress=False,
+        for sampler, steps, eta in _runs(options, timesteps):
+            report, seconds = _evaluate(
+                loaded, device, Path(folder), (sampler, steps, eta), options, use_lpips
             )
-            start = time.perf_counter()
-            try:
-                report = evaluate_models(
-                    loaded.config,
-                    loaded.predictor,
-                    loaded.unet,
-                    Path(folder),
-                    eval_options,
-                    device,
-                    checkpoint=str(ckpt),
-                )
-            except EvalError as exc:
-                raise QualityError(str(exc)) from exc
-            seconds = (time.perf_counter() - start) / len(report.images)
-            if not rows:
-                rows += [_row(m, None, 0, _means(report.means, m)) for m in ("bicubic", "predictor")]
-                meta = {
-                    "conventions": report.conventions,
-                    "images": [
-                        {
-                            "name": r.name,
-                            "original_size": list(r.original_size),
-                            "evaluated_size": list(r.evaluated_size),
-                        }
-                        for r in report.images
-                    ],
+            if not rows:  # bicubic and predictor-only do not depend on the sampler
+                rows += [_row(m, None, 0, None, _means(report.means, m)) for m in ("bicubic", "predictor")]
+                per_image |= {
+                    m: {r.name: r.scores[m].psnr_y for r in report.images} for m in ("bicubic", "predictor")
                 }
-                for m in ("bicubic", "predictor"):
-                    per_image[m] = {r.name: r.scores[m].psnr_y for r in report.images}
-            rows.append(
-                _row(
-                    "esrdf",
-                    sampler,
-                    steps,
-                    _means(report.means, "esrdf"),
-                    wall_seconds_per_image=round(seconds, 3),
-                )
-            )
-            per_image[f"{sampler}-{steps}"] = {r.name: r.scores["esrdf"].psnr_y for r in report.images}
+                meta = _report_meta(report)
+            row = _row("esrdf", sampler, steps, eta, _means(report.means, "esrdf"))
+            rows.append(row | {"wall_seconds_per_image": round(seconds, 3)})
+            per_image[f"{sampler}-{steps}-eta{eta:g}"] = {
+                r.name: r.scores["esrdf"].psnr_y for r in report.images
+            }
             log(
-                f"quality: {sampler} {steps:4d} steps  PSNR-Y {rows[-1]['psnr_y']:.2f} dB  "
-                f"SSIM-Y {rows[-1]['ssim_y']:.4f}"
+                f"quality: {sampler} eta {eta:g} {steps:4d} steps  PSNR-Y {row['psnr_y']:.2f} dB  "
+                f"SSIM-Y {row['ssim_y']:.4f}"
             )
     return {
         "checkpoint": str(ckpt),
@@ -184,7 +213,7 @@ def quality_sweep(
         "unet_weights": loaded.unet_weights,
         "timesteps": timesteps,
         "device": str(device),
-        "eta": options.eta,
+        "etas": list(options.etas),
         "seed": options.seed,
         "max_size": options.max_size,
         "lpips": {"scored": use_lpips, "note": lpips_note},

@@ -156,6 +156,7 @@ def quality_table(quality: dict[str, Any]) -> str:
     body = []
     for r in quality["rows"]:
         what = r["method"] if r["sampler"] is None else f"ESRDF {r['sampler'].upper()} {r['steps']}"
+        what += f" (eta {r['eta']:g})" if r["sampler"] == "ddim" else ""
         body.append(
             [
                 what,
