@@ -20,7 +20,7 @@ from tiny_bundle import tiny_bundle, tiny_checkpoint
 from esrdf.bench import backends as bk
 from esrdf.bench.cli import main
 from esrdf.bench.flops import conv2d_flops, count_flops, step_flops
-from esrdf.bench.latency import summarize, time_call
+from esrdf.bench.latency import summarize, time_call, time_interleaved
 from esrdf.bench.machine import bf16_support, cpuinfo_fields
 from esrdf.bench.quality import QualityOptions, quality_sweep
 from esrdf.checkpoint import load_checkpoint
@@ -207,6 +207,10 @@ def test_summarize_percentiles_and_time_call_counts():
     calls = []
     assert time_call(lambda: calls.append(1), warmup=2, repeats=5).repeats == 5
     assert len(calls) == 7
+    a, b = [], []
+    timings = time_interleaved([(lambda: a.append(1), False), (lambda: b.append(1), False)], 0, 5, rounds=2)
+    assert [t.repeats for t in timings] == [5, 5]
+    assert len(a) == len(b) == 7  # 5 timed + one untimed settle call per round
 
 
 def test_bf16_support_reads_cpu_flags():

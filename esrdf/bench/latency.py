@@ -121,21 +121,30 @@ def time_interleaved(
     warmup: int,
     repeats: int,
     budget_s: float | None = None,
+    rounds: int = 2,
     min_repeats: int = 3,
 ) -> list[Timing]:
-    """Time several (call, on CUDA?) cases in rounds: each round times every case once.
+    """Time several (call, on CUDA?) cases in ``rounds`` rounds of blocks: each round runs every case once
+    for a block of its repeats.
 
-    On a shared machine the background load drifts over minutes; round-robin puts that drift on every
-    case alike, so their ratios stay meaningful even when their absolute times move. Rounds stop after
-    ``repeats``, or after ``min_repeats`` once ``budget_s`` has passed. (Warm-up is the caller's: ``warmup``
-    is only recorded.)
+    On a shared machine the background load drifts over minutes; rounds spread that drift over every case
+    alike. Each block starts with one untimed settle call: a thread pool that just ran (onnxruntime's and
+    OpenMP's workers spin-wait after their work) steals the cores from the next case's first call, which
+    doubled a 23 ms onnxruntime step on the 2-core CPU dev machine. Stops after ``repeats`` timed calls per
+    case, or after a round once ``budget_s`` has passed and ``min_repeats`` are in. (Warm-up is the
+    caller's: ``warmup`` is only recorded.)
     """
+    if not calls:
+        return []
     samples: list[list[float]] = [[] for _ in calls]
+    block = max(1, -(-repeats // max(1, rounds)))  # ceil(repeats / rounds)
     start = time.monotonic()
-    for done in range(1, repeats + 1):
+    while len(samples[0]) < repeats:
         for (fn, cuda), out in zip(calls, samples, strict=True):
-            out.append(call_synced(fn, cuda))
-        if budget_s is not None and done >= min_repeats and time.monotonic() - start > budget_s:
+            call_synced(fn, cuda)  # settle: the previous case's spinning workers get off the cores
+            out += [call_synced(fn, cuda) for _ in range(min(block, repeats - len(out)))]
+        over = budget_s is not None and time.monotonic() - start > budget_s
+        if over and len(samples[0]) >= min(min_repeats, repeats):
             break
     clock = ["cuda_events" if cuda else "perf_counter" for _fn, cuda in calls]
     return [summarize(s, warmup, c) for s, c in zip(samples, clock, strict=True)]
