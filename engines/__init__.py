@@ -1,5 +1,6 @@
-"""Executable engines behind one protocol (``esrdf.engines.protocol``): onnxruntime, torch, TensorRT.
+"""Executable engines implementing the runtime's protocol (``esrdf.runtime.engine``): onnxruntime, torch,
+TensorRT, and the CUDA-graph sampler the CUDA engines offer.
 
-Import-light on purpose: open one with ``esrdf.engines.registry.open_engine``, which imports only the
+Import-light on purpose: open one with ``esrdf.runtime.backends.open_engine``, which imports only the
 backend asked for.
 """

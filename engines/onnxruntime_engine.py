@@ -1,4 +1,4 @@
-"""The onnxruntime engine: runs a bundle's predictor and step graphs (``esrdf.engines.protocol.Engine``).
+"""The onnxruntime engine: runs a bundle's predictor and step graphs (``esrdf.runtime.engine.Engine``).
 
 CPU execution provider by default; the CUDA EP when ``device="cuda"`` and the installed onnxruntime has
 it (onnxruntime-gpu). Calls go through IOBinding with ``OrtValue`` arrays, so on CUDA the sampler state
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from esrdf.engines.registry import EngineError
+from esrdf.runtime.engine import EngineError
 from esrdf.runtime.graph_spec import PREDICTOR, STEP, graph_spec
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""The TensorRT engine: deserialised plans of a bundle behind ``esrdf.engines.protocol.Engine``.
+"""The TensorRT engine: deserialised plans of a bundle behind ``esrdf.runtime.engine.Engine``.
 
 Runs the predictor and the step graph (paper Eq. 5-7 with the sampler update folded in) as plans built by
 ``esrdf.engines.tensorrt_build``. Arrays are torch CUDA tensors (float32, NCHW).
@@ -41,6 +41,7 @@ from esrdf.engines.tensorrt_build import (
     trt_logger,
 )
 from esrdf.runtime.bundle import Bundle, BundleError, EngineEntry, EngineKey
+from esrdf.runtime.engine import BatchSamplerFactory
 from esrdf.runtime.graph_spec import GRAPH_ROLES, PREDICTOR, STEP, ShapeProfile, graph_spec
 
 if TYPE_CHECKING:
@@ -320,6 +321,15 @@ class TensorRTEngine:
         }
         with self._lock:
             return self._runner(STEP, sizes).run(sizes, inputs)
+
+    def batch_sampler_factory(
+        self, channels: int, scale: int, batch: int, use_graphs: bool = True
+    ) -> BatchSamplerFactory:
+        """The whole sampler loop of a batch as one CUDA-graph replay over these plans
+        (``esrdf.engines.cuda_graph``); ``use_graphs=False`` runs the same loop as stream execution."""
+        from esrdf.engines.cuda_graph import graph_batch_sampler_factory
+
+        return graph_batch_sampler_factory(self, channels, scale, self.device, batch, use_graphs)
 
 
 def _cuda_device(device: torch.device) -> Any:

@@ -8,7 +8,7 @@ batch 1. This subclass casts the conv and linear weights to fp16 once; autocast 
 uses them as they are. The values are the ones autocast would have produced, so outputs are bit-identical
 to ``TorchEngine(precision="fp16")``; norms, the sinusoidal time embedding and BatchNorm stay fp32.
 
-It is the GPU path where TensorRT is missing, and what ``runtime.cuda_graph`` captures in the GPU check.
+It is the GPU path where TensorRT is missing, and what ``esrdf.engines.cuda_graph`` captures in the GPU check.
 """
 
 from __future__ import annotations

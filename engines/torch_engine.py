@@ -1,6 +1,6 @@
-"""The torch engine: the eager modules behind ``esrdf.engines.protocol.Engine``.
+"""The torch engine: the eager modules behind ``esrdf.runtime.engine.Engine``.
 
-It runs the very ``PredictorModule``/``StepModule`` that export traces (``esrdf.export.step_module``), so
+It runs the very ``PredictorModule``/``StepModule`` that export traces (``esrdf.models.step_module``), so
 it is the parity oracle of every exported graph, and the GPU path where TensorRT is missing.
 
 - ``fp32``: plain float32, on the CPU or CUDA.
@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from esrdf.engines.registry import EngineError
-from esrdf.export.step_module import PredictorModule, StepModule, check_coefs_shape
+from esrdf.models.step_module import PredictorModule, StepModule
+from esrdf.runtime.engine import BatchSamplerFactory, EngineError
+from esrdf.runtime.graph_spec import NUM_STEP_COEFS
 
 if TYPE_CHECKING:
     from esrdf.runtime.bundle import Bundle
@@ -146,6 +147,23 @@ class TorchEngine:
         check_coefs_shape(coefs)
         with torch.inference_mode(), self._numerics():
             return self._step(x_t, cond, t, coefs, noise)
+
+    def batch_sampler_factory(
+        self, channels: int, scale: int, batch: int, use_graphs: bool = True
+    ) -> BatchSamplerFactory | None:
+        """On CUDA, the whole sampler loop of a batch as one CUDA-graph replay (``esrdf.engines.cuda_graph``;
+        ``use_graphs=False``: the same loop as stream execution); on the CPU, None (the driver's loop)."""
+        if self.device.type != "cuda":
+            return None
+        from esrdf.engines.cuda_graph import graph_batch_sampler_factory
+
+        return graph_batch_sampler_factory(self, channels, scale, self.device, batch, use_graphs)
+
+
+def check_coefs_shape(coefs: torch.Tensor) -> None:
+    """Refuse coefficient tensors that the graph contract (``graph_spec.step_spec``) does not allow."""
+    if coefs.ndim != 2 or coefs.shape[1] != NUM_STEP_COEFS:
+        raise ValueError(f"coefs must be (batch, {NUM_STEP_COEFS}), got {tuple(coefs.shape)}")
 
 
 def _check_weights_config(directory: Path, model_config: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@
       predictor.pt2    coarse = P(lr), paper Section 4.2, Fig. 5
       step.pt2         one reverse step with the sampler update folded in (paper Eq. 5-7)
 
-The modules are the ones ONNX export traces (``esrdf.export.step_module``), so every backend runs the same
+The modules are the ones ONNX export traces (``esrdf.models.step_module``), so every backend runs the same
 arithmetic. Static shapes: AOTInductor compiles a fixed-shape graph faster and runs it faster, and the
 runtime feeds fixed-shape tiles anyway (the last batch is padded).
 
@@ -83,7 +83,7 @@ def add_aoti_packages(
     ``tile``/``batch`` default to the shape the bundle was exported at. An existing ``aoti/`` is replaced.
     """
     from esrdf.checkpoint import load_checkpoint
-    from esrdf.export.step_module import PredictorModule, StepModule
+    from esrdf.models.step_module import PredictorModule, StepModule
 
     bundle = load_bundle(bundle_dir, verify=True)
     info = bundle.manifest.export_info

@@ -204,7 +204,7 @@ def export_bundle(
 def _build_bundle(root: Path, ckpt: LoadedCheckpoint, options: ExportOptions, stages: Stages) -> None:
     """Everything inside the temp bundle directory: graphs, parity, torch weights, manifest."""
     from esrdf.diffusion.schedule import make_schedule
-    from esrdf.export.step_module import PredictorModule, StepModule
+    from esrdf.models.step_module import PredictorModule, StepModule
 
     assert ckpt.unet is not None
     cfg = ckpt.config

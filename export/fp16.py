@@ -23,7 +23,7 @@ import warnings
 import onnx
 
 from esrdf.export.cleanup import CLASS_HIERARCHY_KEY, NAME_SCOPES_KEY, node_metadata
-from esrdf.export.step_module import UPDATE_SCOPE
+from esrdf.models.step_module import UPDATE_SCOPE
 
 FP32_OP_TYPES = frozenset(
     {

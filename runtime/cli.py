@@ -22,8 +22,9 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from esrdf.engines.registry import BACKENDS, EngineError
+from esrdf.runtime.backends import BACKENDS
 from esrdf.runtime.bundle import BundleError
+from esrdf.runtime.engine import EngineError
 from esrdf.runtime.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,

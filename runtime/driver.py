@@ -9,31 +9,30 @@ For each batch of LR tiles (paper Section 3 with the residual formulation of Sec
 
 then the HR tiles are blended (``esrdf.runtime.tiling``) and clipped to [-1, 1]. The driver holds no state
 between calls: everything lives in the call's locals, so one engine can serve concurrent requests.
-The engine (``esrdf.engines.protocol.Engine``) decides where arrays live; the driver only uploads host
-inputs and downloads the two outputs of each batch.
+
+Each batch goes through one narrow hook, a ``BatchSampler`` (``esrdf.runtime.engine``): LR tiles and their
+tiles in, HR tiles out, closed over the engine, the step plan, the noise and the progress tick. The default
+hook, ``engine_batches``, is the loop above as engine calls; the engine (``esrdf.runtime.engine.Engine``)
+decides where arrays live, and the driver only uploads host inputs and downloads the two outputs of each
+batch. A CUDA engine offers a hook that replays the whole loop as one CUDA graph instead.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from esrdf.engines.protocol import Engine
 from esrdf.runtime.bundle import Manifest
+from esrdf.runtime.engine import BatchSampler, BatchSamplerFactory, Engine, NoiseFn, Tick
 from esrdf.runtime.graph_spec import PREDICTOR
 from esrdf.runtime.noise import noise_field
 from esrdf.runtime.sampling import StepPlan
 from esrdf.runtime.tiling import Blender, Tile, TilePlan, plan_tiles
 
 ProgressFn = Callable[[int, int], None]  # (engine calls done, engine calls in total)
-NoiseFn = Callable[[int, Tile], np.ndarray]  # (noise index, tile) -> (C, tile_h*s, tile_w*s)
-# (engine, lr_tiles, tiles, noise, per-step (t, coefs) uploads, tick) -> HR tiles; ``sample_batch`` is the
-# default, and a CUDA-graph replay (esrdf.runtime.cuda_graph.driver_batch_fn) can stand in for it.
-BatchFn = Callable[
-    [Engine, np.ndarray, Sequence[Tile], NoiseFn, list[tuple[Any, Any]], Callable[[], None]], np.ndarray
-]
 
 
 def fixed_shape(manifest: Manifest) -> tuple[int | None, int | None]:
@@ -61,25 +60,6 @@ def _noise_source(
     return lambda k, tile: tiles.cut(np.asarray(injected[k], dtype=np.float32), tile, scale)
 
 
-def sample_batch(
-    engine: Engine,
-    lr_tiles: np.ndarray,
-    tiles: Sequence[Tile],
-    noise: NoiseFn,
-    step_inputs: list[tuple[Any, Any]],
-    tick: Callable[[], None],
-) -> np.ndarray:
-    """(B, C, th, tw) LR tiles -> (B, C, th*s, tw*s) HR tiles: coarse + sampled residual."""
-    coarse = engine.predictor(engine.upload(lr_tiles))
-    tick()
-    x = engine.upload(np.stack([noise(0, tile) for tile in tiles]))
-    for k, (t, coefs) in enumerate(step_inputs):
-        z = engine.upload(np.stack([noise(k + 1, tile) for tile in tiles]))
-        x = engine.step(x, coarse, t, coefs, z)
-        tick()
-    return engine.download(coarse) + engine.download(x)
-
-
 def upload_step_inputs(engine: Engine, plan: StepPlan, n: int) -> list[tuple[Any, Any]]:
     """Per step: t as float32 [n] and coefs as float32 [n, 3], on the engine."""
     return [
@@ -89,6 +69,81 @@ def upload_step_inputs(engine: Engine, plan: StepPlan, n: int) -> list[tuple[Any
         )
         for k in range(plan.num_steps)
     ]
+
+
+def engine_batches(engine: Engine, plan: StepPlan, noise: NoiseFn, tick: Tick) -> BatchSampler:
+    """The default hook: per batch, one predictor call and N step calls on ``engine``, one tick each.
+
+    (B, C, th, tw) LR tiles -> (B, C, th*s, tw*s) HR tiles: coarse + sampled residual. The per-step ``t`` and
+    ``coefs`` are uploaded once per batch size, not once per batch.
+    """
+    step_inputs: dict[int, list[tuple[Any, Any]]] = {}
+
+    def sample(lr_tiles: np.ndarray, tiles: Sequence[Tile]) -> np.ndarray:
+        n = len(tiles)
+        if n not in step_inputs:
+            step_inputs[n] = upload_step_inputs(engine, plan, n)
+        coarse = engine.predictor(engine.upload(lr_tiles))
+        tick()
+        x = engine.upload(np.stack([noise(0, tile) for tile in tiles]))
+        for k, (t, coefs) in enumerate(step_inputs[n]):
+            z = engine.upload(np.stack([noise(k + 1, tile) for tile in tiles]))
+            x = engine.step(x, coarse, t, coefs, z)
+            tick()
+        return engine.download(coarse) + engine.download(x)
+
+    return sample
+
+
+def fixed_batches(sample: BatchSampler, size: int) -> BatchSampler:
+    """``sample`` called on exactly ``size`` tiles each time, as a fixed-batch graph (or one captured CUDA
+    graph per shape) needs: chunks of ``size``, the last padded with repeats of its last tile, whose extra
+    outputs are dropped (rows never mix: every op of both graphs is per sample)."""
+
+    def padded(lr_tiles: np.ndarray, tiles: Sequence[Tile]) -> np.ndarray:
+        parts = []
+        for start in range(0, len(tiles), size):
+            chunk, lr = list(tiles[start : start + size]), lr_tiles[start : start + size]
+            extra = size - len(chunk)
+            if extra:
+                chunk += [chunk[-1]] * extra
+                lr = np.concatenate([lr, np.repeat(lr[-1:], extra, axis=0)])
+            parts.append(sample(lr, chunk)[: size - extra])
+        return np.concatenate(parts)
+
+    return padded
+
+
+def tile_image(
+    manifest: Manifest, lr: np.ndarray, tile: int, overlap: int, batch: int
+) -> tuple[TilePlan, np.ndarray, int | None]:
+    """Check image, tile and batch against the bundle's graphs; (tile plan, padded LR canvas, fixed batch).
+
+    The fixed batch is the one the graphs were exported with, or None where their batch axis is dynamic.
+    """
+    channels = manifest.channels
+    if lr.ndim != 3 or lr.shape[0] != channels:
+        raise ValueError(f"expected a ({channels}, h, w) image, got shape {lr.shape}")
+    fixed_batch, fixed_tile = fixed_shape(manifest)
+    if fixed_tile is not None and tile != fixed_tile:
+        raise ValueError(f"this bundle's graphs take {fixed_tile}-pixel LR tiles only; got tile={tile}")
+    if batch < 1 or (fixed_batch is not None and batch != fixed_batch):
+        raise ValueError(f"batch must be {fixed_batch or 'a positive integer'}, got {batch}")
+    tiles = plan_tiles(lr.shape[1], lr.shape[2], tile, overlap, manifest.lr_multiple_of)
+    return tiles, tiles.pad(np.asarray(lr, dtype=np.float32)), fixed_batch
+
+
+def sample_tiles(
+    tiles: TilePlan, canvas: np.ndarray, batch: int, sample: BatchSampler, scale: int, channels: int
+) -> np.ndarray:
+    """Cut the canvas into batches of ``batch`` tiles, sample each with ``sample``, blend, clip to [-1, 1]."""
+    blender = Blender(tiles, scale, channels)
+    for start in range(0, len(tiles.tiles), batch):
+        group = tiles.tiles[start : start + batch]
+        hr_tiles = sample(np.stack([tiles.cut(canvas, t) for t in group]), group)
+        for t, hr in zip(group, hr_tiles, strict=True):
+            blender.add(t, hr)
+    return np.clip(blender.result(), -1.0, 1.0)
 
 
 def upscale_array(
@@ -102,48 +157,27 @@ def upscale_array(
     batch: int = 1,
     injected_noise: Sequence[np.ndarray] | None = None,
     progress: ProgressFn | None = None,
-    batch_fn: BatchFn | None = None,
-    pad_last_batch: bool = False,
+    sampler: BatchSamplerFactory | None = None,
 ) -> np.ndarray:
     """(C, h, w) float32 LR in [-1, 1] -> (C, scale*h, scale*w) float32 HR in [-1, 1].
 
     ``tile=0`` runs the image as one tile (padded up to the graph's size multiple). ``injected_noise``
     replaces the seeded field with N + 1 full fields of shape (C, scale*H, scale*W) over the padded
     canvas (the image itself when no padding is needed): field 0 is x_T, field k the k-th update's noise.
-    This is what makes parity with the eager sampler exact. ``batch_fn`` replaces the per-batch loop
-    (``sample_batch``), e.g. with a captured CUDA graph; ``pad_last_batch`` keeps every call at
-    ``batch`` tiles (one shape key) even where the graphs accept any batch.
+    This is what makes parity with the eager sampler exact. ``sampler`` makes the per-batch hook from the
+    plan, the noise and the progress tick (e.g. an engine's CUDA-graph replay); by default it is
+    ``engine_batches`` on ``engine``.
     """
-    channels, scale = manifest.channels, manifest.scale
-    if lr.ndim != 3 or lr.shape[0] != channels:
-        raise ValueError(f"expected a ({channels}, h, w) image, got shape {lr.shape}")
-    fixed_batch, fixed_tile = fixed_shape(manifest)
-    if fixed_tile is not None and tile != fixed_tile:
-        raise ValueError(f"this bundle's graphs take {fixed_tile}-pixel LR tiles only; got tile={tile}")
-    if batch < 1 or (fixed_batch is not None and batch != fixed_batch):
-        raise ValueError(f"batch must be {fixed_batch or 'a positive integer'}, got {batch}")
-    tiles = plan_tiles(lr.shape[1], lr.shape[2], tile, overlap, manifest.lr_multiple_of)
-    canvas = tiles.pad(np.asarray(lr, dtype=np.float32))
-    noise = _noise_source(seed, scale, channels, tiles, injected_noise, plan.num_steps + 1)
-    batches = [list(tiles.tiles[i : i + batch]) for i in range(0, len(tiles.tiles), batch)]
-    total, done = len(batches) * (plan.num_steps + 1), [0]
+    tiles, canvas, fixed_batch = tile_image(manifest, lr, tile, overlap, batch)
+    noise = _noise_source(seed, manifest.scale, manifest.channels, tiles, injected_noise, plan.num_steps + 1)
+    total, done = -(-len(tiles.tiles) // batch) * (plan.num_steps + 1), [0]
 
     def tick() -> None:
         done[0] += 1
         if progress is not None:
             progress(done[0], total)
 
-    blender = Blender(tiles, scale, channels)
-    step_inputs: dict[int, list[tuple[Any, Any]]] = {}
-    for group in batches:
-        # A fixed-shape engine (or graph) gets the last batch padded with repeats of its last tile; the extra
-        # outputs are dropped.
-        padded = group + [group[-1]] * (batch - len(group)) if fixed_batch or pad_last_batch else group
-        n = len(padded)
-        if n not in step_inputs:  # upload t and coefs once per batch size, not once per batch
-            step_inputs[n] = upload_step_inputs(engine, plan, n)
-        lr_tiles = np.stack([tiles.cut(canvas, t) for t in padded])
-        hr_tiles = (batch_fn or sample_batch)(engine, lr_tiles, padded, noise, step_inputs[n], tick)
-        for t, hr in zip(group, hr_tiles, strict=False):
-            blender.add(t, hr)
-    return np.clip(blender.result(), -1.0, 1.0)
+    sample = (sampler or functools.partial(engine_batches, engine))(plan, noise, tick)
+    if fixed_batch is not None:  # fixed-shape graphs take exactly that many tiles per call
+        sample = fixed_batches(sample, fixed_batch)
+    return sample_tiles(tiles, canvas, batch, sample, manifest.scale, manifest.channels)

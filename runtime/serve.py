@@ -112,7 +112,7 @@ def bind_models(triton: Any, upscalers: list[Upscaler], config: ServeConfig) -> 
     batcher = DynamicBatcher(max_queue_delay_microseconds=config.queue_delay_us)
     triton.bind(
         model_name=TILE_MODEL,
-        infer_func=[TileModel(u, config.max_batch, e.device, e.cuda_graph) for u in upscalers],
+        infer_func=[TileModel(u, config.max_batch, e.cuda_graph) for u in upscalers],
         inputs=inputs, outputs=outputs, config=ModelConfig(max_batch_size=config.max_batch, batcher=batcher),
         strict=True,
     )  # fmt: skip
@@ -231,8 +231,8 @@ def main(
     no_cuda_graph: bool,
 ) -> None:  # fmt: skip
     """Serve an ESRDF bundle with Triton Inference Server (models "esrdf" and "esrdf_tiles")."""
-    from esrdf.engines.registry import EngineError
     from esrdf.runtime.bundle import BundleError
+    from esrdf.runtime.engine import EngineError
 
     bundle = resolve_bundle(engine_dir)
     engine = ServiceConfig(

@@ -27,12 +27,15 @@ FP32 [C, scale*tile, scale*tile] (coarse + sampled residual, not yet clipped or 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from esrdf.runtime.driver import engine_batches
+from esrdf.runtime.engine import BatchSamplerFactory, BatchSamplerSource
 from esrdf.runtime.images import DEFAULT_MAX_PIXELS, from_model_range, to_model_range
 from esrdf.runtime.tile_batch import (
     PlanCache,
@@ -42,10 +45,6 @@ from esrdf.runtime.tile_batch import (
     upscale_via_tiles,
 )
 from esrdf.runtime.upscaler import DEFAULT_STEPS, Upscaler
-
-if TYPE_CHECKING:
-    from esrdf.runtime.driver import BatchFn
-    from esrdf.runtime.sampling import StepPlan
 
 IMAGE_MODEL = "esrdf"
 TILE_MODEL = "esrdf_tiles"
@@ -88,21 +87,16 @@ def decode_image_request(request: Any, num_timesteps: int) -> ImageRequest:
 class TileModel:
     """One ``esrdf_tiles`` instance: a worker's engine sampling merged tile rows (``sample_tile_rows``)."""
 
-    def __init__(
-        self, upscaler: Upscaler, max_batch: int, device: str = "cpu", cuda_graph: bool = True
-    ) -> None:
+    def __init__(self, upscaler: Upscaler, max_batch: int, cuda_graph: bool = True) -> None:
         self.upscaler = upscaler
         self.plans = PlanCache(upscaler.manifest.schedule.array())
-        self._batch_fn_for: Callable[[StepPlan], BatchFn | None] | None = None
-        self._pad_to: int | None = None
-        if device.startswith("cuda") and cuda_graph:
+        engine, m = upscaler.engine, upscaler.manifest
+        graphs = None
+        if cuda_graph and isinstance(engine, BatchSamplerSource):
             # This worker's own graph sampler (its static buffers are per worker). One CUDA graph per plan
             # at a fixed batch: every pass is padded to max_batch rows.
-            from esrdf.runtime.cuda_graph import CudaGraphSampler, driver_batch_fn
-
-            m = upscaler.manifest
-            sampler = CudaGraphSampler(upscaler.engine, m.channels, m.scale, device)
-            self._batch_fn_for, self._pad_to = (lambda plan: driver_batch_fn(sampler, plan)), max_batch
+            graphs = engine.batch_sampler_factory(m.channels, m.scale, max_batch)
+        self._sampler: BatchSamplerFactory = graphs or functools.partial(engine_batches, engine)
 
     def __call__(self, requests: Requests) -> Responses:
         sizes = [len(r["lr"]) for r in requests]
@@ -121,10 +115,7 @@ class TileModel:
                 column["steps"][:, 0], column["sampler"][:, 0], column["eta"][:, 0], strict=True
             )
         ]
-        hr = sample_tile_rows(
-            self.upscaler.engine, self.upscaler.manifest, lr, rows, options, self.plans,
-            batch_fn_for=self._batch_fn_for, pad_to=self._pad_to,
-        )  # fmt: skip
+        hr = sample_tile_rows(self.upscaler.manifest, lr, rows, options, self.plans, self._sampler)
         return [{"hr": part} for part in np.split(hr, np.cumsum(sizes)[:-1])]
 
 
@@ -159,7 +150,7 @@ class ImageModel:
             raise ValueError(
                 f"image has {height * width:,} pixels, over this server's limit of {self.max_pixels:,}"
             )
-        plan = self.plans.plan(req.options)
+        self.plans.plan(req.options)  # bad options fail here, before any tile is sent
         o = req.options
 
         def send(lr_tiles: np.ndarray, corners: np.ndarray) -> np.ndarray:
@@ -173,7 +164,7 @@ class ImageModel:
             return np.asarray(result["hr"], dtype=np.float32)
 
         hr = upscale_via_tiles(
-            self.manifest, to_model_range(req.rgb), plan, send, req.seed, self.tile, self.overlap, self.batch
+            self.manifest, to_model_range(req.rgb), send, self.tile, self.overlap, self.batch
         )
         return from_model_range(hr)
 

@@ -11,7 +11,8 @@ several threads may call one ``Upscaler`` at once. There is no global state: two
 bundles or settings coexist in one process.
 
 On CUDA (torch or tensorrt backends) each batch of tiles runs as one CUDA-graph replay of the whole sampler
-loop (``esrdf.runtime.cuda_graph``). The graphs share static buffers, so calls to one such ``Upscaler``
+loop: the ``Upscaler`` asks its engine for that hook (``esrdf.runtime.engine.BatchSamplerSource``), so the
+runtime itself never imports torch. The graphs share static buffers, so calls to one such ``Upscaler``
 take turns on the graph sampler's lock; a service that wants concurrency on one GPU makes one
 ``Upscaler`` per worker. ``cuda_graph=False`` runs the same loop as plain stream execution.
 """
@@ -20,15 +21,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any, overload
+from typing import overload
 
 import numpy as np
 from PIL import Image
 
-from esrdf.engines.protocol import Engine
-from esrdf.engines.registry import open_engine
+from esrdf.runtime.backends import open_engine
 from esrdf.runtime.bundle import Bundle, BundleError, Manifest, load_bundle
 from esrdf.runtime.driver import ProgressFn, fixed_shape, upscale_array
+from esrdf.runtime.engine import BatchSamplerFactory, BatchSamplerSource, Engine
 from esrdf.runtime.images import from_model_range, pil_to_array, to_model_range
 from esrdf.runtime.sampling import StepPlan, plan_steps
 
@@ -67,15 +68,11 @@ class Upscaler:
         self.overlap = 0 if self.tile == 0 else (self.tile // 8 if overlap is None else overlap)
         if self.tile and not 0 <= self.overlap < self.tile:
             raise ValueError(f"overlap must be in [0, tile={self.tile}), got {overlap}")
-        on_cuda = device.startswith("cuda")
-        self._graph_sampler = self._open_graph_sampler(device, cuda_graph) if on_cuda else None
-
-    def _open_graph_sampler(self, device: str, use_graphs: bool) -> Any:
-        # Imported here: the CUDA-graph module needs torch, which the CPU path never loads.
-        from esrdf.runtime.cuda_graph import CudaGraphSampler
-
-        channels = self.manifest.channels
-        return CudaGraphSampler(self.engine, channels, self.scale, device, use_graphs=use_graphs)
+        # CUDA engines sample each batch as one graph replay, at one fixed batch (one graph per key).
+        self._batches: BatchSamplerFactory | None = None
+        if isinstance(self.engine, BatchSamplerSource):
+            channels = self.manifest.channels
+            self._batches = self.engine.batch_sampler_factory(channels, self.scale, self.batch, cuda_graph)
 
     @property
     def manifest(self) -> Manifest:
@@ -102,11 +99,6 @@ class Upscaler:
     ) -> np.ndarray:
         """(C, h, w) float32 in [-1, 1] -> (C, scale*h, scale*w) float32 in [-1, 1]."""
         plan = self.step_plan(steps, sampler, eta)
-        batch_fn = None
-        if self._graph_sampler is not None:
-            from esrdf.runtime.cuda_graph import driver_batch_fn
-
-            batch_fn = driver_batch_fn(self._graph_sampler, plan)
         return upscale_array(
             self.engine,
             self.manifest,
@@ -118,9 +110,7 @@ class Upscaler:
             batch=self.batch,
             injected_noise=injected_noise,
             progress=progress,
-            batch_fn=batch_fn,
-            # One fixed batch shape keeps one captured graph per (tile, steps) key.
-            pad_last_batch=batch_fn is not None,
+            sampler=self._batches,
         )
 
     @overload

@@ -141,8 +141,8 @@ def test_tiled_agrees_with_untiled_in_the_interior(setup: dict[str, Any], astron
 
 
 def test_torch_engine_refuses_fp16_on_cpu(setup: dict[str, Any]) -> None:
-    from esrdf.engines.registry import EngineError
     from esrdf.engines.torch_engine import TorchEngine
+    from esrdf.runtime.engine import EngineError
 
     with pytest.raises(EngineError, match="fp16 on CUDA only"):
         TorchEngine.from_bundle(setup["bundle"], device="cpu", precision="fp16")

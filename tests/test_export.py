@@ -139,8 +139,8 @@ def test_manifest_describes_the_bundle(bundle_dir: Path, base: Path) -> None:
 
 
 def test_tampered_bundle_is_refused(bundle_dir: Path, tmp_path: Path) -> None:
-    from esrdf.engines.registry import EngineError
     from esrdf.engines.torch_engine import TorchEngine
+    from esrdf.runtime.engine import EngineError
 
     copy = Path(shutil.copytree(bundle_dir, tmp_path / "bundle"))
     step = copy / "step.fp16.onnx"

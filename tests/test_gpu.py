@@ -1,7 +1,7 @@
 """The GPU path: the whole sampler loop in one CUDA graph, the fp16 torch CUDA engine, device noise.
 
 gpu-marked tests need CUDA and skip with a reason elsewhere (``benchmarks/gpu_check.sh`` runs them). The
-unmarked tests check, on the CPU, the parts of ``esrdf.runtime.cuda_graph`` that need no GPU: the torch
+unmarked tests check, on the CPU, the parts of ``esrdf.engines.cuda_graph`` that need no GPU: the torch
 port of the counter-based noise, shape keys, buffer generations, stream execution against the driver's
 loop, and the capture-failure fallback (a CPU build of torch cannot capture, a real failure).
 All inputs are crops of real photos; models are the ``tiny`` preset with seeded random weights.
@@ -19,21 +19,20 @@ import torch
 from esrdf.config import preset
 from esrdf.diffusion.samplers import ddim_sample, unet_eps_fn
 from esrdf.diffusion.schedule import make_schedule
+from esrdf.engines.cuda_graph import (
+    CudaGraphSampler,
+    ShapeKey,
+    StaticBuffers,
+    capture_sampler_graph,
+    seed_tensor,
+    torch_noise_field,
+)
 from esrdf.engines.torch_cuda_engine import TorchCudaEngine
 from esrdf.engines.torch_engine import TorchEngine
 from esrdf.export.parity import bar_failures, compare
 from esrdf.models.build import build_predictor, build_unet
 from esrdf.runtime import driver
 from esrdf.runtime.bundle import Manifest, ScheduleEntry
-from esrdf.runtime.cuda_graph import (
-    CudaGraphSampler,
-    ShapeKey,
-    StaticBuffers,
-    capture_sampler_graph,
-    driver_batch_fn,
-    seed_tensor,
-    torch_noise_field,
-)
 from esrdf.runtime.noise import noise_bits, noise_field
 from esrdf.runtime.sampling import StepPlan, plan_steps
 from esrdf.runtime.tolerances import END_TO_END_FP16, END_TO_END_FP32, FP16_GRAPH
@@ -84,7 +83,7 @@ def noise_fields(plan: StepPlan, offsets: np.ndarray, height: int, width: int) -
 def loop_by_engine_calls(
     engine: TorchEngine, lr: np.ndarray, noises: np.ndarray, plan: StepPlan
 ) -> np.ndarray:
-    """The driver's own loop (``driver.sample_batch``): one engine call per step, coarse + x on the host."""
+    """The driver's own loop (``driver.engine_batches``): one engine call per step, coarse + x on the host."""
     coarse = engine.predictor(engine.upload(lr))
     x = engine.upload(noises[0])
     batch = lr.shape[0]
@@ -188,14 +187,14 @@ def test_failed_capture_ends_it_and_falls_back_with_one_warning(modules, alphas_
     want = loop_by_engine_calls(engine, lr, noises, plan)
 
     bufs = StaticBuffers(ShapeKey.of(lr.shape, plan), CHANNELS, SCALE, torch.device("cpu"))
-    with caplog.at_level(logging.WARNING, logger="esrdf.runtime.cuda_graph"):
+    with caplog.at_level(logging.WARNING, logger="esrdf.engines.cuda_graph"):
         assert capture_sampler_graph(engine, bufs) is None  # a CPU build of torch cannot capture
     assert "capture failed" in caplog.text
 
     sampler = CudaGraphSampler(engine, CHANNELS, SCALE, device="cpu")
     sampler.use_graphs = True  # make it try, as on a GPU whose capture fails
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="esrdf.runtime.cuda_graph"):
+    with caplog.at_level(logging.WARNING, logger="esrdf.engines.cuda_graph"):
         first = sampler.sample(lr, noises, plan)
         second = sampler.sample(lr, noises, plan)
     assert np.array_equal(first, want) and np.array_equal(second, want)
@@ -203,9 +202,7 @@ def test_failed_capture_ends_it_and_falls_back_with_one_warning(modules, alphas_
     assert caplog.text.count("capture failed") == 1  # the key stays on stream execution, no retry per call
 
 
-def test_driver_batch_fn_is_a_drop_in_for_the_drivers_batch_loop(
-    modules, alphas_cumprod, photos, monkeypatch
-):
+def test_graph_batch_sampler_is_a_drop_in_for_the_drivers_engine_calls(modules, alphas_cumprod, photos):
     engine = TorchEngine(*modules, device="cpu")
     manifest = Manifest(
         format_version=1,
@@ -219,16 +216,26 @@ def test_driver_batch_fn_is_a_drop_in_for_the_drivers_batch_loop(
         ),
         graphs=[],
     )
-    photo = photos["coffee"][100:130, 200:246]  # 30x46: padding, 2x3 tiles, a partial last batch
+    photo = photos["coffee"][100:130, 200:246]  # 30x46: 3x4 tiles of 16, a partial last batch of 5
     lr = photo.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
     plan = plan_steps(alphas_cumprod, "ddim", 3, 0.3)
-    kwargs = dict(seed=5, tile=16, overlap=4, batch=4)
-    want = driver.upscale_array(engine, manifest, lr, plan, **kwargs)
-    sampler = CudaGraphSampler(engine, CHANNELS, SCALE, device="cpu")
-    monkeypatch.setattr(driver, "sample_batch", driver_batch_fn(sampler, plan))
-    got = driver.upscale_array(engine, manifest, lr, plan, **kwargs)
+    kwargs = dict(seed=5, tile=16, overlap=4, batch=5)
+
+    def padded_engine_calls(plan, noise, tick):  # the driver's own loop at the same fixed batch of 5
+        return driver.fixed_batches(driver.engine_batches(engine, plan, noise, tick), 5)
+
+    want = driver.upscale_array(engine, manifest, lr, plan, **kwargs, sampler=padded_engine_calls)
+    graphs = CudaGraphSampler(engine, CHANNELS, SCALE, device="cpu")
+    ticks: list[tuple[int, int]] = []
+    got = driver.upscale_array(
+        engine, manifest, lr, plan, **kwargs, sampler=graphs.batch_sampler_factory(5),
+        progress=lambda done, total: ticks.append((done, total)),
+    )  # fmt: skip
     assert got.shape == (CHANNELS, 120, 184)
     assert np.array_equal(got, want)
+    # 12 tiles in batches of 5, 5, 2 (padded to 5): 3 replays, 4 ticks each, as the driver's loop counts.
+    assert ticks == [(k, 12) for k in range(1, 13)]
+    assert list(graphs._entries) == [ShapeKey(5, 16, 16, 3, "ddim", 0.3)]  # one shape key: padded to 5
 
 
 # --- GPU -------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     from esrdf.checkpoint import load_checkpoint
     from esrdf.diffusion.schedule import make_schedule
-    from esrdf.export.step_module import PredictorModule, StepModule
+    from esrdf.models.step_module import PredictorModule, StepModule
 
     base = tmp_path_factory.getbasetemp()
     bundle = tiny_bundle(base)

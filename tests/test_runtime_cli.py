@@ -90,7 +90,7 @@ def test_upscaler_is_safe_across_threads(tiny_bundle, astronaut) -> None:
 
 
 def test_unknown_backends_and_devices_are_clear(tiny_bundle) -> None:
-    from esrdf.engines.registry import EngineError
+    from esrdf.runtime.engine import EngineError
 
     with pytest.raises(EngineError, match="tensorrt"):
         Upscaler(tiny_bundle, backend="tensorrt")

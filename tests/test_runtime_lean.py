@@ -12,7 +12,7 @@ import sys
 import esrdf.runtime
 from esrdf.runtime import Upscaler
 import esrdf.runtime.cli, esrdf.runtime.driver, esrdf.runtime.tiling, esrdf.runtime.noise
-import esrdf.engines.onnxruntime_engine, esrdf.engines.registry
+import esrdf.engines.onnxruntime_engine, esrdf.runtime.backends
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in {"torch", "tensorrt", "torchvision", "onnx"})
 training = sorted(m for m in sys.modules if m.startswith(("esrdf.models", "esrdf.diffusion", "esrdf.training",
                                                           "esrdf.losses", "esrdf.export")))

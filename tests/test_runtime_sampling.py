@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from esrdf.runtime.bundle import GraphEntry, Manifest, ScheduleEntry, TensorEntry
-from esrdf.runtime.driver import fixed_shape, upscale_array
+from esrdf.runtime.driver import engine_batches, fixed_batches, fixed_shape, upscale_array
 from esrdf.runtime.noise import noise_field
 from esrdf.runtime.sampling import ddim_coefficients, ddim_timesteps, ddpm_coefficients, plan_steps
 from esrdf.runtime.tiling import plan_tiles
@@ -353,8 +353,12 @@ def test_driver_pads_the_last_batch_for_a_fixed_batch_graph(photo_lr) -> None:
     )
     coarse = photo_lr[:, :30].repeat(2, axis=1).repeat(2, axis=2)
     np.testing.assert_allclose(out, np.clip(coarse + target_residual(coarse), -1, 1), atol=2e-4)
-    dynamic = upscale_array(FixedBatchEngine(ab, 2), analytic_manifest(ab), photo_lr[:, :30], plan, tile=16,
-                            overlap=3, batch=2, pad_last_batch=True)  # fmt: skip
+
+    def padded(plan, noise, tick):  # a hook that needs a fixed batch pads itself
+        return fixed_batches(engine_batches(FixedBatchEngine(ab, 2), plan, noise, tick), 2)
+
+    dynamic = upscale_array(AnalyticEngine(ab, 2), analytic_manifest(ab), photo_lr[:, :30], plan, tile=16,
+                            overlap=3, batch=2, sampler=padded)  # fmt: skip
     np.testing.assert_array_equal(dynamic, out)
     with pytest.raises(ValueError, match="16-pixel LR tiles only"):
         upscale_array(FixedBatchEngine(ab, 2), manifest, photo_lr, plan, tile=32, overlap=4, batch=2)

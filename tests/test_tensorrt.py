@@ -319,8 +319,8 @@ def test_fp16_engines_meet_the_fp16_bars_against_fp32_eager(trt_bundle, photos):
 
 @pytest.mark.tensorrt
 def test_tensorrt_graph_replay_is_bit_exact_with_stream_execution(trt_bundle, photos):
+    from esrdf.engines.cuda_graph import CudaGraphSampler
     from esrdf.engines.tensorrt_engine import TensorRTEngine
-    from esrdf.runtime.cuda_graph import CudaGraphSampler
     from esrdf.runtime.noise import noise_field
     from esrdf.runtime.sampling import plan_steps
 

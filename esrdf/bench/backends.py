@@ -22,16 +22,17 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 
 from esrdf.bench.machine import bf16_support
-from esrdf.engines.registry import EngineError, open_engine
+from esrdf.runtime.backends import open_engine
 from esrdf.runtime.bundle import Bundle, BundleError, sha256_file
-from esrdf.runtime.driver import BatchFn, upscale_array
+from esrdf.runtime.driver import upscale_array
+from esrdf.runtime.engine import EngineError
 from esrdf.runtime.sampling import StepPlan
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from esrdf.engines.protocol import Engine
+    from esrdf.runtime.engine import Engine
 
 # name -> what it is (written into the report next to each backend's figures)
 BACKENDS: dict[str, str] = {
@@ -73,7 +74,7 @@ class EngineRunner:
     bundle: Bundle
     device: str
     precision: str
-    graph_sampler: Any = None  # esrdf.runtime.cuda_graph.CudaGraphSampler
+    graph_sampler: Any = None  # esrdf.engines.cuda_graph.CudaGraphSampler
 
     def predictor_call(self, lr_tiles: np.ndarray) -> Call:
         lr = self.engine.upload(lr_tiles)
@@ -87,11 +88,8 @@ class EngineRunner:
         """The B tiles side by side as one (C, h, B*w) image, cut back into exactly B tiles (overlap 0)."""
         batch, _c, tile, _w = lr_tiles.shape
         image = np.concatenate(list(lr_tiles), axis=2)
-        batch_fn: BatchFn | None = None
-        if self.graph_sampler is not None:
-            from esrdf.runtime.cuda_graph import driver_batch_fn
-
-            batch_fn = driver_batch_fn(self.graph_sampler, plan)
+        graphs = self.graph_sampler
+        sampler = None if graphs is None else graphs.batch_sampler_factory(batch)
         manifest = self.bundle.manifest
         return lambda: upscale_array(
             self.engine,
@@ -102,8 +100,7 @@ class EngineRunner:
             tile=tile,
             overlap=0,
             batch=batch,
-            batch_fn=batch_fn,
-            pad_last_batch=batch_fn is not None,
+            sampler=sampler,
         )
 
 
@@ -189,7 +186,7 @@ class CpuBf16Engine:
     def __init__(self, predictor: nn.Module, unet: nn.Module) -> None:
         import torch
 
-        from esrdf.export.step_module import PredictorModule, StepModule
+        from esrdf.models.step_module import PredictorModule, StepModule
 
         self.device = torch.device("cpu")
         self._predictor = PredictorModule(predictor.float(), torch.bfloat16).eval()
@@ -244,7 +241,7 @@ def _require(ok: bool, reason: str) -> None:
 
 
 def _graph_sampler(engine: Engine, bundle: Bundle, device: str) -> Any:
-    from esrdf.runtime.cuda_graph import CudaGraphSampler
+    from esrdf.engines.cuda_graph import CudaGraphSampler
 
     return CudaGraphSampler(engine, bundle.manifest.channels, bundle.manifest.scale, device, use_graphs=True)
 

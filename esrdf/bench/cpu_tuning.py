@@ -224,7 +224,7 @@ def run_cpu_tuning(
 ) -> dict[str, Any]:
     """Time the step graph under every candidate at batch 1; pick the fastest within its parity bar."""
     from esrdf.export.parity import make_feeds, run_eager
-    from esrdf.export.step_module import PredictorModule, StepModule
+    from esrdf.models.step_module import PredictorModule, StepModule
 
     predictor, unet = models()
     photo, source = workload_photo()

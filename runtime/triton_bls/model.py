@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 
 from esrdf.runtime.bundle import MANIFEST_NAME, Manifest
-from esrdf.runtime.driver import upscale_array
+from esrdf.runtime.driver import engine_batches, fixed_batches, upscale_array
+from esrdf.runtime.engine import BatchSampler, NoiseFn, Tick
 from esrdf.runtime.images import DEFAULT_MAX_PIXELS, from_model_range, to_model_range
-from esrdf.runtime.sampling import plan_steps
+from esrdf.runtime.sampling import StepPlan, plan_steps
 from esrdf.runtime.triton_models import decode_image_request
 
 INPUT_NAMES = ("image", "seed", "steps", "sampler", "eta")
@@ -78,15 +79,20 @@ def upscale_request(
         )
     o = req.options
     plan = plan_steps(manifest.schedule.array(), o.sampler, o.steps, o.eta)
+
+    def padded_batches(plan: StepPlan, noise: NoiseFn, tick: Tick) -> BatchSampler:
+        return fixed_batches(engine_batches(engine, plan, noise, tick), settings.batch)
+
     hr = upscale_array(
         engine, manifest, to_model_range(req.rgb), plan, seed=req.seed, tile=settings.tile,
-        overlap=settings.overlap, batch=settings.batch, pad_last_batch=settings.pad_batch,
+        overlap=settings.overlap, batch=settings.batch,
+        sampler=padded_batches if settings.pad_batch else None,
     )  # fmt: skip
     return from_model_range(hr)
 
 
 class BlsEngine:
-    """``esrdf.engines.protocol.Engine`` over BLS calls to the predictor and step models (host arrays)."""
+    """``esrdf.runtime.engine.Engine`` over BLS calls to the predictor and step models (host arrays)."""
 
     name = "triton-bls"
 

@@ -1,14 +1,18 @@
 """The torch modules behind the two exported graphs, shared by export and the eager torch engine.
 
+They belong to the model package: ``esrdf.export`` traces them and ``esrdf.engines.torch_engine`` runs them,
+so both import them from here and neither imports the other.
+
 ``StepModule`` is the U-Net with the sampler update folded in (DESIGN.md section 3, "Step graph"):
 
     eps    = unet(concat[cond, x_t], t)                                       (paper Eq. 5-7)
     x_prev = coefs[:, 0] * x_t + coefs[:, 1] * eps + coefs[:, 2] * noise      (fp32 arithmetic)
 
 DDPM ancestral steps (paper Eq. 6) and DDIM steps with any eta are both affine in (x_t, eps, noise), so one
-graph serves every sampler; ``esrdf.runtime.sampling`` picks the coefficients. The update lives in its own
-submodule, ``sampler_update``, so its ONNX nodes carry that name scope: ``esrdf.export.fp16`` finds them by
-it and keeps them in fp32.
+graph serves every sampler; the runtime picks the coefficients. Their shape, (B, 3), is part of the graph
+contract, which ``esrdf.runtime.graph_spec`` declares (the engines check inputs against it); the model
+package does not import the runtime. The update lives in its own submodule, ``sampler_update``, so its
+ONNX nodes carry that name scope: ``esrdf.export.fp16`` finds them by it and keeps them in fp32.
 
 Exporting and serving the same module makes the torch engine the parity oracle of the exported graphs.
 """
@@ -19,8 +23,6 @@ import contextlib
 
 import torch
 from torch import nn
-
-from esrdf.runtime.graph_spec import NUM_STEP_COEFS
 
 UPDATE_SCOPE = "sampler_update"  # attribute name of the update submodule = its ONNX name scope
 
@@ -80,9 +82,3 @@ class PredictorModule(nn.Module):
         with _autocast(lr.device, self.compute_dtype):
             coarse = self.predictor(lr)
         return coarse.float()
-
-
-def check_coefs_shape(coefs: torch.Tensor) -> None:
-    """Refuse coefficient tensors that the graph contract (``graph_spec.step_spec``) does not allow."""
-    if coefs.ndim != 2 or coefs.shape[1] != NUM_STEP_COEFS:
-        raise ValueError(f"coefs must be (batch, {NUM_STEP_COEFS}), got {tuple(coefs.shape)}")

@@ -1,5 +1,8 @@
 """Open an engine for a bundle by backend name, importing only that backend's module.
 
+The runtime owns the engine protocol (``esrdf.runtime.engine``) and ``esrdf.engines`` implements it; this
+module is the one place where the runtime reaches up into ``esrdf.engines``, and only inside
+``open_engine``, for the backend asked for (dependency inversion: the layer rule's declared exception).
 No import-time registry (BasicSR #663): each backend's module, and its heavy library, is imported when
 asked for, so the onnxruntime path never imports torch.
 """
@@ -8,15 +11,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from esrdf.runtime.engine import Engine, EngineError
+
 if TYPE_CHECKING:
-    from esrdf.engines.protocol import Engine
     from esrdf.runtime.bundle import Bundle
 
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
-
-
-class EngineError(RuntimeError):
-    """An engine that cannot be opened here: missing library, missing device, or an unusable graph."""
 
 
 def open_engine(

@@ -27,7 +27,9 @@ Thread safety: one ``CudaGraphSampler`` per worker, each with its own engine. It
 ``sample`` calls, because every call of a key reuses that key's static buffers. Several threads may share
 one sampler (they take turns); for parallel GPU work give each worker its own engine and sampler.
 
-torch is imported only here and in the GPU engines; ``esrdf.runtime`` does not import this module.
+torch is imported only here and in the GPU engines. The runtime never imports this module: the torch and
+TensorRT engines offer its hooks through ``batch_sampler_factory`` (``esrdf.runtime.engine``), and the
+``Upscaler`` asks its engine for them.
 """
 
 from __future__ import annotations
@@ -35,15 +37,17 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from esrdf.engines.protocol import Engine
+from esrdf.runtime.driver import fixed_batches
+from esrdf.runtime.engine import BatchSampler, BatchSamplerFactory, Engine, NoiseFn, Tick
 from esrdf.runtime.sampling import StepPlan
+from esrdf.runtime.tiling import Tile
 
 log = logging.getLogger(__name__)
 
@@ -337,26 +341,33 @@ class CudaGraphSampler:
         with self._lock:
             self._entries.clear()
 
+    def batch_sampler(self, plan: StepPlan, noise: NoiseFn, tick: Tick) -> BatchSampler:
+        """The driver's per-batch hook (``esrdf.runtime.engine.BatchSampler``) as graph replays.
 
-def driver_batch_fn(sampler: CudaGraphSampler, plan: StepPlan) -> Callable[..., np.ndarray]:
-    """An adapter with the signature of ``esrdf.runtime.driver.sample_batch`` that runs graph replays.
+        It takes the driver's noise function (seeded or injected), so results equal the driver's own loop;
+        progress ticks come all at once after the replay (the graph runs the batch as one unit).
+        """
 
-    It takes the driver's noise function (seeded or injected), so results equal the driver's own loop;
-    progress ticks come all at once after the replay (the graph runs the batch as one unit).
-    """
+        def sample(lr_tiles: np.ndarray, tiles: Sequence[Tile]) -> np.ndarray:
+            fields = range(plan.num_steps + 1)
+            noises = np.stack([np.stack([noise(k, tile) for tile in tiles]) for k in fields])  # (N+1, B, ...)
+            out = self.sample(lr_tiles, noises, plan)
+            for _ in range(plan.num_steps + 1):
+                tick()
+            return out
 
-    def sample_batch(
-        engine: Engine,
-        lr_tiles: np.ndarray,
-        tiles: Sequence[Any],
-        noise: Callable[[int, Any], np.ndarray],
-        step_inputs: Sequence[Any],
-        tick: Callable[[], None],
-    ) -> np.ndarray:
-        noises = np.stack([np.stack([noise(k, tile) for tile in tiles]) for k in range(plan.num_steps + 1)])
-        out = sampler.sample(lr_tiles, noises, plan)
-        for _ in range(plan.num_steps + 1):
-            tick()
-        return out
+        return sample
 
-    return sample_batch
+    def batch_sampler_factory(self, batch: int) -> BatchSamplerFactory:
+        """Hooks that run each call at exactly ``batch`` tiles (``fixed_batches``), so one captured graph
+        serves every batch of a (tile, steps) key, the last, shorter one included."""
+        return lambda plan, noise, tick: fixed_batches(self.batch_sampler(plan, noise, tick), batch)
+
+
+def graph_batch_sampler_factory(
+    engine: Engine, channels: int, scale: int, device: str | torch.device, batch: int, use_graphs: bool = True
+) -> BatchSamplerFactory:
+    """What a CUDA engine offers the runtime (``esrdf.runtime.engine.BatchSamplerSource``): one
+    ``CudaGraphSampler`` on ``engine``, whose driver hooks run every call at exactly ``batch`` tiles."""
+    graphs = CudaGraphSampler(engine, channels, scale, device, use_graphs=use_graphs)
+    return graphs.batch_sampler_factory(batch)
