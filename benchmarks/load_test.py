@@ -53,7 +53,8 @@ def free_ports(n: int) -> list[int]:
 
 def start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
     http_port, grpc_port, metrics_port = free_ports(3)
-    cmd = [sys.executable, "-m", "esrdf.runtime.serve", "--host", "127.0.0.1", "--http-port", str(http_port),
+    cmd = [sys.executable, "-m", "esrdf.runtime.serving.serve", "--host", "127.0.0.1",
+           "--http-port", str(http_port),
            "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--workers", str(args.workers),
            "--max-batch", str(args.max_batch)]  # fmt: skip
     cmd += ["--engine", args.engine] if args.engine else []

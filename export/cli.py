@@ -153,9 +153,9 @@ def _add_aoti_packages(bundle: Path, quiet: bool) -> None:
 
 
 def _write_triton_repo(bundle: Path, target: Path, tile: int, batch: int, force: bool) -> None:
-    """The Triton model repository for ``bundle`` (``esrdf.runtime.triton_repo``), with its notes."""
+    """The Triton model repository for ``bundle`` (``esrdf.export.triton_repo``), with its notes."""
+    from esrdf.export.triton_repo import TritonRepoOptions, write_triton_repo
     from esrdf.runtime.bundle import BundleError
-    from esrdf.runtime.triton_repo import TritonRepoOptions, write_triton_repo
 
     try:
         repo = write_triton_repo(bundle, target, TritonRepoOptions(tile=tile, batch=batch), force=force)

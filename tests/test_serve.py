@@ -1,6 +1,6 @@
 """esrdf-serve on loopback: standard Triton clients, real photos, results equal to the in-process runtime.
 
-The server is a subprocess (``python -m esrdf.runtime.serve``) on free 127.0.0.1 ports, stopped in a
+The server is a subprocess (``python -m esrdf.runtime.serving.serve``) on free 127.0.0.1 ports, stopped in a
 finally by SIGINT (then SIGKILL to its process group, so no tritonserver outlives the test).
 """
 
@@ -61,7 +61,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     bundle = tiny_bundle(tmp_path_factory.getbasetemp())
     http_port, grpc_port, metrics_port = _free_ports(3)
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    cmd = [sys.executable, "-m", "esrdf.runtime.serve", "--engine", str(bundle), "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "esrdf.runtime.serving.serve", "--engine", str(bundle),
+           "--host", "127.0.0.1",
            "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
            "--workers", "2", "--threads", "1", "--max-batch", "8", "--exit-timeout", "5"]  # fmt: skip
     with open(log_path, "wb") as log:

@@ -14,7 +14,7 @@ from PIL import Image
 from tiny_bundle import tiny_bundle
 
 from esrdf.runtime import Upscaler
-from esrdf.runtime.service import (
+from esrdf.runtime.serving.service import (
     InvalidRequest,
     QueueFull,
     RequestFailed,

@@ -16,16 +16,16 @@ import pytest
 from tiny_bundle import tiny_bundle
 
 from esrdf.engines.onnxruntime_engine import OnnxRuntimeEngine
-from esrdf.runtime import Upscaler
-from esrdf.runtime.bundle import EngineEntry, EngineKey, load_bundle, write_manifest
-from esrdf.runtime.triton_bls.model import BlsSettings, upscale_request
-from esrdf.runtime.triton_repo import (
+from esrdf.export.triton_repo import (
     BLS_MODEL,
     PREDICTOR_MODEL,
     STEP_MODEL,
     TritonRepoOptions,
     write_triton_repo,
 )
+from esrdf.runtime import Upscaler
+from esrdf.runtime.bundle import EngineEntry, EngineKey, load_bundle, write_manifest
+from esrdf.runtime.serving.triton_bls.model import BlsSettings, upscale_request
 
 model_config_pb2 = pytest.importorskip(
     "tritonclient.grpc.model_config_pb2", reason="parsing configs needs tritonclient[grpc] (the serve extra)"

@@ -3,7 +3,7 @@
 Design (whole image in front, tiles behind):
 
     client --image--> "esrdf" (one instance per concurrent image; no batching: images differ in size)
-                         | the driver tiles, pads and blends (esrdf.runtime.tile_batch.upscale_via_tiles);
+                         | the driver tiles, pads and blends (serving.tile_batch.upscale_via_tiles);
                          | each batch of LR tiles goes to the tile model over loopback gRPC
                          v
                       "esrdf_tiles" (dynamic batching; one instance per worker, each with its own engine)
@@ -37,7 +37,7 @@ import numpy as np
 from esrdf.runtime.driver import engine_batches
 from esrdf.runtime.engine import BatchSamplerFactory, BatchSamplerSource
 from esrdf.runtime.images import DEFAULT_MAX_PIXELS, from_model_range, to_model_range
-from esrdf.runtime.tile_batch import (
+from esrdf.runtime.serving.tile_batch import (
     PlanCache,
     SamplingOptions,
     SeededTile,

@@ -3,12 +3,12 @@
     esrdf-serve --engine bundle/ --host 0.0.0.0 --http-port 8000 --grpc-port 8001 --metrics-port 8002 \\
                 --workers 2 --max-batch 8
 
-PyTriton starts the ``tritonserver`` it bundles and binds two models (``esrdf.runtime.triton_models``):
-``esrdf`` takes whole images, ``esrdf_tiles`` dynamically batches the tiles of all in-flight images.
-Any Triton client (``tritonclient.http`` / ``tritonclient.grpc``, perf_analyzer, curl) talks to it; health
-(``/v2/health/live``, ``/v2/health/ready``) and Prometheus metrics (``:metrics-port/metrics``) are
-Triton's own. Without ``--engine`` it serves the shipped default model. SIGINT or SIGTERM stops it
-cleanly (in-flight requests finish, up to ``--exit-timeout`` seconds).
+PyTriton starts the ``tritonserver`` it bundles and binds two models
+(``esrdf.runtime.serving.triton_models``): ``esrdf`` takes whole images, ``esrdf_tiles`` dynamically batches
+the tiles of all in-flight images. Any Triton client (``tritonclient.http`` / ``tritonclient.grpc``,
+perf_analyzer, curl) talks to it; health (``/v2/health/live``, ``/v2/health/ready``) and Prometheus metrics
+(``:metrics-port/metrics``) are Triton's own. Without ``--engine`` it serves the shipped default model.
+SIGINT or SIGTERM stops it cleanly (in-flight requests finish, up to ``--exit-timeout`` seconds).
 
 The host defaults to loopback; pass ``--host 0.0.0.0`` to serve other machines.
 """
@@ -28,8 +28,8 @@ from typing import Any
 import click
 import numpy as np
 
-from esrdf.runtime.service import ServiceConfig, open_upscalers
-from esrdf.runtime.triton_models import IMAGE_MODEL, TILE_MODEL, ImageModel, TileModel
+from esrdf.runtime.serving.service import ServiceConfig, open_upscalers
+from esrdf.runtime.serving.triton_models import IMAGE_MODEL, TILE_MODEL, ImageModel, TileModel
 from esrdf.runtime.upscaler import Upscaler
 
 log = logging.getLogger(__name__)

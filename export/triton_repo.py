@@ -6,15 +6,15 @@
       esrdf_step/config.pbtxt        the U-Net with the sampler update folded in (runtime/graph_spec.py)
       esrdf_step/1/model.plan
       esrdf/config.pbtxt             Python backend (BLS): the whole-image model clients call
-      esrdf/1/model.py               esrdf.runtime.triton_bls.model: tiles, then predictor + N step calls
+      esrdf/1/model.py               esrdf.runtime.serving.triton_bls.model: tiles, predictor + N step calls
       esrdf/1/manifest.json          the bundle's manifest: the schedule the step coefficients come from
 
 The BLS model runs the runtime's own driver (esrdf.runtime.driver.upscale_array) with an engine whose
 ``predictor``/``step`` are BLS requests to the two models, so the sampler loop, noise and tiling are the
 ones the in-process runtime uses. Each BLS instance serves one image at a time; the step model's dynamic
 batcher merges the step calls of all instances (tile batches of different requests, same shapes).
-``esrdf`` has the same I/O as the model ``esrdf-serve`` binds (``esrdf.runtime.triton_models``), so one
-client works against both.
+``esrdf`` has the same I/O as the model ``esrdf-serve`` binds (``esrdf.runtime.serving.triton_models``),
+so one client works against both.
 
 TensorRT plans are GPU- and TensorRT-version-specific: build them (``esrdf-export --trt``, on each GPU
 model of the fleet, with the TensorRT version of the Triton container) before writing the repository.
@@ -265,8 +265,9 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def bls_model_source() -> str:
-    """The text of the BLS ``model.py`` (package data: ``esrdf.runtime.triton_bls``)."""
-    return resources.files("esrdf.runtime.triton_bls").joinpath("model.py").read_text(encoding="utf-8")
+    """The text of the BLS ``model.py`` (package data: ``esrdf.runtime.serving.triton_bls``)."""
+    package = resources.files("esrdf.runtime.serving.triton_bls")
+    return package.joinpath("model.py").read_text(encoding="utf-8")
 
 
 def _build(bundle: Bundle, options: TritonRepoOptions, out: Path) -> TritonRepo:

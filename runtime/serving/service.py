@@ -1,6 +1,6 @@
 """``UpscalerService``: the runtime as a component of a multi-threaded service.
 
-    from esrdf.runtime.service import ServiceConfig, UpscalerService
+    from esrdf.runtime.serving.service import ServiceConfig, UpscalerService
     with UpscalerService("bundle/", ServiceConfig(workers=2, queue_size=32)) as service:
         future = service.submit(rgb_uint8, steps=20, seed=0)     # from any thread; never blocks on work
         hr = future.result()                                     # or service.upscale(...) to wait inline

@@ -1,6 +1,6 @@
 """ESRDF whole-image model for Triton's Python backend: the runtime's sampler loop over BLS calls.
 
-Written into a Triton model repository by ``esrdf-export --triton-repo`` (``esrdf.runtime.triton_repo``),
+Written into a Triton model repository by ``esrdf-export --triton-repo`` (``esrdf.export.triton_repo``),
 next to ``manifest.json`` (the bundle's: scale, size rules and the noise schedule, alphas_cumprod). Per
 request (paper Section 3 with the residual formulation of Section 4):
 
@@ -35,14 +35,14 @@ from esrdf.runtime.driver import engine_batches, fixed_batches, upscale_array
 from esrdf.runtime.engine import BatchSampler, NoiseFn, Tick
 from esrdf.runtime.images import DEFAULT_MAX_PIXELS, from_model_range, to_model_range
 from esrdf.runtime.sampling import StepPlan, plan_steps
-from esrdf.runtime.triton_models import decode_image_request
+from esrdf.runtime.serving.triton_models import decode_image_request
 
 INPUT_NAMES = ("image", "seed", "steps", "sampler", "eta")
 
 
 @dataclass(frozen=True)
 class BlsSettings:
-    """The ``parameters`` of the model's config.pbtxt (written by ``esrdf.runtime.triton_repo``)."""
+    """The ``parameters`` of the model's config.pbtxt (written by ``esrdf.export.triton_repo``)."""
 
     tile: int
     overlap: int
