@@ -48,7 +48,7 @@ demo: $(VENV)/.runtime
 # interruption), export the bundle, and install checkpoint + bundle into esrdf/default_model/.
 default-model: setup photos
 	OMP_NUM_THREADS=2 $(BIN)/python -m esrdf.default_model.recipe train --out out/default_model
-	$(BIN)/python -m esrdf.default_model.recipe ship --out out/default_model
+	$(BIN)/python -m esrdf.export.default_model ship --out out/default_model
 
 # System packages from Debian (never committed): the real training photos and the C++ toolchain and
 # libraries. Needs root or sudo; does nothing when everything is installed.

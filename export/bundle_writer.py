@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 PRECISION_CHOICES = ("fp32", "fp16", "both")
 DEFAULT_TILE = 64  # LR pixels; HR tiles are scale * tile
 DEFAULT_BATCH = 4
+DEFAULT_OPSET = 18
 PARITY_MAX_BATCH = 2  # parity figures are per pixel; two crops represent them at half the CPU time
 TORCH_WEIGHTS_DIR = "torch"
 
@@ -56,7 +57,7 @@ class ExportError(RuntimeError):
 @dataclass(frozen=True)
 class ExportOptions:
     precision: str = "both"
-    opset: int = 18
+    opset: int = DEFAULT_OPSET
     tile: int = DEFAULT_TILE
     batch: int = DEFAULT_BATCH
     parity_gate: bool = True
@@ -157,7 +158,7 @@ def export_bundle(
     ckpt_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     precision: str = "both",
-    opset: int = 18,
+    opset: int = DEFAULT_OPSET,
     tile: int = DEFAULT_TILE,
     batch: int = DEFAULT_BATCH,
     force: bool = False,

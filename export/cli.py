@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from esrdf.cli.errors import OneLineErrorCommand
-from esrdf.export.bundle_writer import DEFAULT_BATCH, DEFAULT_TILE, PRECISION_CHOICES
+from esrdf.export.bundle_writer import DEFAULT_BATCH, DEFAULT_OPSET, DEFAULT_TILE, PRECISION_CHOICES
 
 
 @click.command(cls=OneLineErrorCommand, context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,7 +22,7 @@ from esrdf.export.bundle_writer import DEFAULT_BATCH, DEFAULT_TILE, PRECISION_CH
     show_default=True,
     help="Graphs to write: fp32, mixed-precision fp16 (norms, softmax, update in fp32), or both.",
 )
-@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18 or later).")
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset (18 or later).")
 @click.option(
     "--tile",
     type=int,

@@ -1,10 +1,11 @@
 """The recipe of the shipped default 4x model: train on the offline photos, export, install into the package.
 
 ``python -m esrdf.default_model.recipe train --out out/default_model`` trains both stages, resuming each one
-from its own checkpoint after an interruption (run the same command again). ``... ship --out
-out/default_model`` exports the onnxruntime bundle and copies the checkpoint and bundle into this package.
-``... evaluate`` scores the installed checkpoint on the held-out photos (MODEL_CARD.md's table).
-``make default-model`` runs train and ship.
+from its own checkpoint after an interruption (run the same command again). ``... evaluate`` scores the
+installed checkpoint on the held-out photos (MODEL_CARD.md's table). Shipping (export the onnxruntime
+bundle, install checkpoint and bundle into this package) belongs to the export layer, which the model
+package does not import: ``python -m esrdf.export.default_model --out out/default_model``. ``make
+default-model`` runs train, then ship.
 
 The settings are the paper's networks and objectives (Section 3 and 4, Eq. 1-7 and 15) cut down to a
 budget of about one hour on a 2-core CPU:
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # the training config imports the losses, hence torch: only w
     from esrdf.training.config import TrainConfig
 
 PREDICTOR_DIR, DIFFUSION_DIR = "predictor", "diffusion"
-SHIP_CKPT_DIR, BUNDLE_DIR = "ship_checkpoint", "bundle"
+SHIP_CKPT_DIR = "ship_checkpoint"
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 # Steps chosen from a 20-step probe of each stage on the 2-core CPU dev machine (see MODEL_CARD.md).
@@ -150,22 +150,6 @@ def ship_checkpoint(diffusion_dir: Path, target: Path) -> Path:
     return target
 
 
-def ship_default_model(out: Path, package_dir: Path = PACKAGE_DIR) -> dict[str, int]:
-    """Export an fp32 onnxruntime bundle and install checkpoint + bundle into ``package_dir``; file sizes."""
-    from esrdf.export import export_bundle
-
-    ckpt = ship_checkpoint(out / DIFFUSION_DIR, out / SHIP_CKPT_DIR)
-    bundle = export_bundle(ckpt, out / BUNDLE_DIR, precision="fp32", torch_weights=False, force=True)
-    sizes: dict[str, int] = {}
-    for name, src in (("checkpoint", ckpt), ("bundle", bundle)):
-        dst = package_dir / name
-        if dst.exists():
-            shutil.rmtree(dst)
-        shutil.copytree(src, dst)
-        sizes |= {f"{name}/{f.name}": f.stat().st_size for f in sorted(dst.iterdir()) if f.is_file()}
-    return sizes
-
-
 HELD_OUT_SKIMAGE = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")
 
 
@@ -216,14 +200,6 @@ def main() -> None:
 def train_command(out: Path, predictor_steps: int, diffusion_steps: int, no_progress: bool) -> None:
     """Train (or resume) both stages into --out."""
     click.echo(str(train_default_model(out, predictor_steps, diffusion_steps, progress=not no_progress)))
-
-
-@main.command("ship")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("out/default_model"), show_default=True)
-@click.option("--package-dir", type=click.Path(path_type=Path), default=PACKAGE_DIR, show_default=True)
-def ship_command(out: Path, package_dir: Path) -> None:
-    """Export the bundle and install checkpoint + bundle into esrdf/default_model/."""
-    click.echo(json.dumps(ship_default_model(out, package_dir), indent=2))
 
 
 @main.command("evaluate")
