@@ -3,7 +3,9 @@
 A checkpoint's ``config.json`` is ``ModelConfig.to_dict()``; loading it back with ``ModelConfig.from_dict``
 rejects unknown or missing keys, so a typo never silently falls back to a default.
 
-This module imports only the standard library: the export and runtime side read configs too.
+This module imports only the standard library: the export and runtime side read configs too. That is why
+``SamplingOptions``, the one value every sampling entry point takes (``Upscaler``, ``UpscalerService``,
+``esrdf-run``, ``esrdf-serve``, the tile model, ``esrdf-eval``), lives here.
 """
 
 from __future__ import annotations
@@ -227,3 +229,59 @@ def preset(name: str, scale: int | None = None) -> ModelConfig:
         raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     cfg = PRESETS[name]
     return cfg.with_scale(scale) if scale is not None else cfg
+
+
+Sampler = Literal["ddim", "ddpm"]
+SAMPLERS: tuple[str, ...] = typing.get_args(Sampler)
+DEFAULT_SAMPLER = "ddim"
+DEFAULT_STEPS = 50  # DDIM steps when nothing else says, at most the schedule's T (DDPM always runs all T)
+DEFAULT_ETA = 0.0
+DEFAULT_SEED = 0
+
+
+@dataclass(frozen=True)
+class ResolvedSampling:
+    """Sampling options with every field given: what a sampler runs with (see ``SamplingOptions.resolve``)."""
+
+    sampler: str
+    steps: int
+    eta: float
+    seed: int
+
+    @property
+    def plan_key(self) -> tuple[str, int, float]:
+        """What the per-step coefficients depend on (the seed only picks the noise)."""
+        return self.sampler, self.steps, self.eta
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to sample one request: sampler ("ddim" | "ddpm"), steps, DDIM eta, seed.
+
+    ``None`` means "not given". ``resolve`` is the one place that fills what is not given: first from
+    ``defaults`` (e.g. what a model is known to need), then by the built-in rule (DDIM, ``DEFAULT_STEPS``
+    capped at T, eta 0, seed 0; DDPM runs all T). Values are checked where they are used (the step plan), so
+    a bad one gets the sampler's own message. Frozen and hashable: requests can be grouped by it.
+    """
+
+    sampler: str | None = None
+    steps: int | None = None
+    eta: float | None = None
+    seed: int | None = None
+
+    def or_defaults(self, defaults: SamplingOptions | None) -> SamplingOptions:
+        """These options, with each field not given here taken from ``defaults``."""
+        if defaults is None:
+            return self
+        mine, theirs = dataclasses.astuple(self), dataclasses.astuple(defaults)
+        return SamplingOptions(*(a if a is not None else b for a, b in zip(mine, theirs, strict=True)))
+
+    def resolve(self, timesteps: int, defaults: SamplingOptions | None = None) -> ResolvedSampling:
+        """Every field given, for a schedule of ``timesteps`` (T) steps."""
+        o = self.or_defaults(defaults)
+        sampler = DEFAULT_SAMPLER if o.sampler is None else o.sampler
+        steps = o.steps
+        if steps is None:
+            steps = timesteps if sampler == "ddpm" else min(DEFAULT_STEPS, timesteps)
+        eta = DEFAULT_ETA if o.eta is None else float(o.eta)
+        return ResolvedSampling(sampler, steps, eta, DEFAULT_SEED if o.seed is None else o.seed)

@@ -28,7 +28,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -36,13 +36,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from esrdf import metrics
-from esrdf.config import ModelConfig
+from esrdf.config import SAMPLERS, ModelConfig, ResolvedSampling, Sampler, SamplingOptions
 from esrdf.data import bicubic_downsample, list_image_files, load_rgb, to_tensor
 from esrdf.diffusion.samplers import sample_residual_sr
 from esrdf.diffusion.schedule import Schedule, make_schedule
 from esrdf.fid import FidScores, fid_scores, find_inception_file
 
-Sampler = Literal["ddim", "ddpm"]
 METHODS = ("bicubic", "predictor", "esrdf")
 SCORE_NAMES = ("psnr_rgb", "ssim_rgb", "psnr_y", "ssim_y", "lpips", "residual_entropy_bits")
 DEFAULT_MAX_SIZE = 512
@@ -55,12 +54,10 @@ class EvalError(ValueError):
 
 @dataclass(frozen=True)
 class EvalOptions:
-    """How to sample and what to score; ``steps=None`` means all T of the checkpoint's schedule."""
+    """How to sample and what to score. Image i uses ``sampling.seed + i``; steps not given means all T
+    of the checkpoint's schedule (the eager sampler's default, not the runtime's, see ``sampling_for``)."""
 
-    steps: int | None = None
-    sampler: Sampler = "ddim"
-    eta: float = 0.0
-    seed: int = 0
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
     lpips: bool = True
     fid: bool = False
     side_by_side_dir: Path | None = None
@@ -214,16 +211,18 @@ class _Evaluator:
                 outputs["predictor"] = to_uint8(self.predictor(lr_t))
             return outputs
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        opts = self.options
-        coarse, sr = sample_residual_sr(self.predictor, self.unet, self.schedule, lr_t, sampler=opts.sampler,
-                                        steps=opts.steps, eta=opts.eta, generator=generator)  # fmt: skip
+        s = sampling_for(self.options, self.schedule.timesteps)
+        sampler = cast(Sampler, s.sampler)  # checked by check_options
+        coarse, sr = sample_residual_sr(self.predictor, self.unet, self.schedule, lr_t, sampler=sampler,
+                                        steps=s.steps, eta=s.eta, generator=generator)  # fmt: skip
         return {**outputs, "predictor": to_uint8(coarse), "esrdf": to_uint8(sr)}
 
     def image(self, path: Path, name: str, index: int) -> tuple[ImageResult, dict[str, np.ndarray]]:
         """Crop, degrade, super-resolve and score one photo; returns its row and its images (HR included)."""
         step = size_step(self.config, self.unet is not None)
         hr, original_size, cropped = load_hr(path, step, self.options.max_size)
-        outputs = self.super_resolve(bicubic_downsample(hr, self.config.scale), self.options.seed + index)
+        seed = sampling_for(self.options, self.config.schedule.timesteps).seed + index
+        outputs = self.super_resolve(bicubic_downsample(hr, self.config.scale), seed)
         scores = {method: self.score(hr, output) for method, output in outputs.items()}
         row = ImageResult(name, original_size, (hr.shape[0], hr.shape[1]), cropped, scores)
         if self.options.side_by_side_dir is not None:
@@ -265,18 +264,23 @@ def entropy_claim(images: list[ImageResult]) -> dict[str, float | int]:
     }
 
 
+def sampling_for(options: EvalOptions, timesteps: int) -> ResolvedSampling:
+    """The evaluation's sampling: what is not given resolves as everywhere, except that steps default to
+    all T (the eager sampler's, and the paper's, default)."""
+    return options.sampling.resolve(timesteps, defaults=SamplingOptions(steps=timesteps))
+
+
 def check_options(options: EvalOptions, timesteps: int, step: int) -> None:
     """Reject bad options before any image is processed, with one-line messages."""
-    if options.sampler not in ("ddim", "ddpm"):
-        raise EvalError(f"sampler must be 'ddim' or 'ddpm', got {options.sampler!r}")
-    if not 0.0 <= options.eta <= 1.0:
-        raise EvalError(f"eta must be in [0, 1], got {options.eta}")
-    if options.steps is not None and not 1 <= options.steps <= timesteps:
-        raise EvalError(f"steps must be in 1..{timesteps} (the schedule's T), got {options.steps}")
-    if options.sampler == "ddpm" and options.steps not in (None, timesteps):
-        raise EvalError(
-            f"the DDPM sampler runs all {timesteps} steps; use --sampler ddim for {options.steps}"
-        )
+    given, s = options.sampling, sampling_for(options, timesteps)
+    if s.sampler not in SAMPLERS:
+        raise EvalError(f"sampler must be 'ddim' or 'ddpm', got {s.sampler!r}")
+    if not 0.0 <= s.eta <= 1.0:
+        raise EvalError(f"eta must be in [0, 1], got {s.eta}")
+    if not 1 <= s.steps <= timesteps:
+        raise EvalError(f"steps must be in 1..{timesteps} (the schedule's T), got {s.steps}")
+    if s.sampler == "ddpm" and s.steps != timesteps:
+        raise EvalError(f"the DDPM sampler runs all {timesteps} steps; use --sampler ddim for {given.steps}")
     if options.max_size is not None and options.max_size < step:
         raise EvalError(f"max_size {options.max_size} is smaller than the size step {step}")
     if options.max_images is not None and options.max_images < 1:
@@ -344,11 +348,11 @@ def evaluate_models(config: ModelConfig, predictor: torch.nn.Module, unet: torch
     if not images:
         raise EvalError(f"no usable image in {data_dir} ({len(files)} image file(s), {len(skipped)} skipped)")
     fid_result = fid_scores(sets["hr"], {m: sets[m] for m in methods}, device) if options.fid else None
-    steps = (options.steps or config.schedule.timesteps) if unet is not None else 0
+    s = sampling_for(options, config.schedule.timesteps)
     return EvalReport(
         checkpoint=checkpoint, data=str(data_dir), model=config.name, scale=config.scale, device=str(device),
-        sampler=options.sampler if unet is not None else "none", steps=steps, eta=options.eta,
-        seed=options.seed, max_size=options.max_size, methods=list(methods),
+        sampler=s.sampler if unet is not None else "none", steps=s.steps if unet is not None else 0,
+        eta=s.eta, seed=s.seed, max_size=options.max_size, methods=list(methods),
         conventions=conventions(config.scale, size_step(config, unet is not None), options.max_size),
         images=images, means=mean_scores(images, methods), entropy_claim=entropy_claim(images),
         fid=fid_result, skipped=skipped, notes=_notes(images, options, unet is not None, fid_result),
@@ -376,15 +380,15 @@ def resolve_device(device: str | None) -> torch.device:
     return resolved
 
 
-def evaluate(ckpt_dir: Path, data_dir: Path, steps: int | None = None, sampler: Sampler = "ddim",
-             eta: float = 0.0, seed: int = 0, device: str | None = None, lpips: bool = True,
+def evaluate(ckpt_dir: Path, data_dir: Path, sampling: SamplingOptions | None = None,
+             device: str | None = None, lpips: bool = True,
              fid: bool = False, side_by_side_dir: Path | None = None, max_images: int | None = None,
              max_size: int | None = DEFAULT_MAX_SIZE, progress: bool = True) -> EvalReport:  # fmt: skip
     """Load the checkpoint at ``ckpt_dir`` and evaluate it on the HR photos under ``data_dir``."""
     from esrdf.checkpoint import load_checkpoint
 
     side_dir = None if side_by_side_dir is None else Path(side_by_side_dir)
-    options = EvalOptions(steps=steps, sampler=sampler, eta=eta, seed=seed, lpips=lpips, fid=fid,
+    options = EvalOptions(sampling=sampling or SamplingOptions(), lpips=lpips, fid=fid,
                           side_by_side_dir=side_dir, max_images=max_images, max_size=max_size,
                           progress=progress)  # fmt: skip
     torch_device = resolve_device(device)

@@ -22,6 +22,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from esrdf.config import SAMPLERS, SamplingOptions
 from esrdf.runtime.backends import BACKENDS
 from esrdf.runtime.bundle import BundleError
 from esrdf.runtime.engine import EngineError
@@ -45,14 +46,6 @@ EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
 class Job:
     source: Path
     target: Path
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    steps: int | None = None
-    sampler: str = "ddim"
-    eta: float = 0.0
-    seed: int = 0
 
 
 @dataclass
@@ -104,9 +97,8 @@ def _upscale_one(
     task = progress.add_task(job.source.name, total=None)
     try:
         hr = upscaler(
-            rgb, steps=options.steps, sampler=options.sampler, eta=options.eta, seed=options.seed,
-            progress=lambda done, total: progress.update(task, completed=done, total=total),
-        )  # fmt: skip
+            rgb, options, progress=lambda done, total: progress.update(task, completed=done, total=total)
+        )
     finally:
         progress.remove_task(task)
     job.target.parent.mkdir(parents=True, exist_ok=True)
@@ -157,11 +149,12 @@ def shipped_bundle_dir() -> Path:
         raise click.ClickException(f"{exc}; or pass --engine BUNDLE_DIR") from None
 
 
-def shipped_model_eta() -> float:
-    """The eta the default model was evaluated with (MODEL_CARD.md): its U-Net needs stochastic steps."""
+def shipped_model_defaults() -> SamplingOptions:
+    """The default model's sampling where the user gives none: the eta it was evaluated with (MODEL_CARD.md);
+    its U-Net needs stochastic steps."""
     from esrdf.default_model import RECOMMENDED_ETA
 
-    return RECOMMENDED_ETA
+    return SamplingOptions(eta=RECOMMENDED_ETA)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -189,14 +182,14 @@ def shipped_model_eta() -> float:
     help="Output file, or folder (created if missing).",
 )
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="DDIM steps (default 50, at most T).")
-@click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)
+@click.option("--sampler", type=click.Choice(SAMPLERS), default=None, help="Sampler (default: ddim).")
 @click.option(
     "--eta",
     type=click.FloatRange(0.0, 1.0),
     default=None,
     help="DDIM eta [0; without --engine, the default model's recommended eta].",
 )
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Noise seed (default: 0).")
 @click.option("--tile", type=click.IntRange(min=0), default=None, help="LR tile size; 0 = whole image.")
 @click.option("--overlap", type=click.IntRange(min=0), default=None, help="LR pixels; default tile / 8.")
 @click.option("--batch", type=click.IntRange(min=1), default=None, help="Tiles per engine call.")
@@ -216,8 +209,8 @@ def shipped_model_eta() -> float:
     "--no-cuda-graph", is_flag=True, help="On CUDA, run the sampler as stream execution, not graph replays."
 )
 def main(
-    engine_dir: Path | None, source: Path, target: Path, steps: int | None, sampler: str, eta: float | None,
-    seed: int,
+    engine_dir: Path | None, source: Path, target: Path, steps: int | None, sampler: str | None,
+    eta: float | None, seed: int | None,
     tile: int | None, overlap: int | None, batch: int | None, precision: str, backend: str, device: str,
     threads: int | None, overwrite: bool, max_pixels: int, no_cuda_graph: bool,
 ) -> None:  # fmt: skip
@@ -226,17 +219,16 @@ def main(
     if source.is_dir():
         target.mkdir(parents=True, exist_ok=True)
     console = plain_console()
-    if eta is None:
-        eta = 0.0 if engine_dir is not None else shipped_model_eta()
+    options = SamplingOptions(sampler, steps, eta, seed)
+    if engine_dir is None:
+        options = options.or_defaults(shipped_model_defaults())
     try:
         upscaler = Upscaler(
             engine_dir or shipped_bundle_dir(), backend, device, precision, threads, tile, overlap, batch,
             cuda_graph=not no_cuda_graph,
         )  # fmt: skip
-        upscaler.step_plan(steps, sampler, eta)  # bad sampling options fail once here, not once per image
-        report = run_jobs(
-            upscaler, jobs, SamplingOptions(steps, sampler, eta, seed), overwrite, max_pixels, console
-        )
+        upscaler.step_plan(options)  # bad sampling options fail once here, not once per image
+        report = run_jobs(upscaler, jobs, options, overwrite, max_pixels, console)
     except (BundleError, EngineError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:

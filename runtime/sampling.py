@@ -38,12 +38,10 @@ sqrt(ab_p / clamp), up to 2**12 = 4096 for a 2**-24 clamp. Only the last index m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
-Sampler = Literal["ddim", "ddpm"]
-SAMPLERS: tuple[str, ...] = ("ddim", "ddpm")
+from esrdf.config import SAMPLERS
 
 
 @dataclass(frozen=True)

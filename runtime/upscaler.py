@@ -1,9 +1,10 @@
-"""The embeddable API: ``Upscaler(bundle_dir)(image, steps=..., seed=...)``.
+"""The embeddable API: ``Upscaler(bundle_dir)(image, SamplingOptions(steps=..., seed=...))``.
 
+    from esrdf.config import SamplingOptions
     from esrdf.runtime import Upscaler
     upscaler = Upscaler("bundle/", backend="onnxruntime", device="cpu")
-    hr = upscaler(lr_uint8_hwc, steps=20, seed=0)      # numpy HxWx3 uint8 in, numpy out
-    hr_pil = upscaler(pil_image)                       # PIL in, PIL out
+    hr = upscaler(lr_uint8_hwc, SamplingOptions(steps=20, seed=0))   # numpy HxWx3 uint8 in, numpy out
+    hr_pil = upscaler(pil_image)                                     # PIL in, PIL out; default sampling
 
 Thread safety: an ``Upscaler`` is immutable after construction. Each call keeps its state (tiles, noise,
 the sampler's x_t) in locals, and the onnxruntime engine builds a fresh IOBinding per engine call, so
@@ -26,6 +27,7 @@ from typing import overload
 import numpy as np
 from PIL import Image
 
+from esrdf.config import ResolvedSampling, SamplingOptions
 from esrdf.runtime.backends import open_engine
 from esrdf.runtime.bundle import Bundle, BundleError, Manifest, load_bundle
 from esrdf.runtime.driver import ProgressFn, fixed_shape, upscale_array
@@ -34,7 +36,6 @@ from esrdf.runtime.images import from_model_range, pil_to_array, to_model_range
 from esrdf.runtime.sampling import StepPlan, plan_steps
 
 DEFAULT_TILE = 64  # LR pixels, used when neither the caller, the graph nor the bundle's export_info says
-DEFAULT_STEPS = 50  # DDIM steps when the caller gives none (the runtime's choice; eager defaults to all T)
 
 
 class Upscaler:
@@ -82,29 +83,31 @@ class Upscaler:
     def scale(self) -> int:
         return self.manifest.scale
 
-    def step_plan(self, steps: int | None = None, sampler: str = "ddim", eta: float = 0.0) -> StepPlan:
-        if steps is None and sampler == "ddim":
-            steps = min(DEFAULT_STEPS, self.manifest.schedule.timesteps)
-        return plan_steps(self.manifest.schedule.array(), sampler, steps, eta)
+    def sampling(self, options: SamplingOptions | None = None) -> ResolvedSampling:
+        """``options`` with what they leave out filled (``SamplingOptions.resolve``, for this schedule)."""
+        return (options or SamplingOptions()).resolve(self.manifest.schedule.timesteps)
+
+    def step_plan(self, options: SamplingOptions | None = None) -> StepPlan:
+        """The per-step coefficients of ``options``; ``ValueError`` for a bad sampler, steps or eta."""
+        s = self.sampling(options)
+        return plan_steps(self.manifest.schedule.array(), s.sampler, s.steps, s.eta)
 
     def upscale_array(
         self,
         lr: np.ndarray,
-        steps: int | None = None,
-        sampler: str = "ddim",
-        eta: float = 0.0,
-        seed: int = 0,
+        options: SamplingOptions | None = None,
         injected_noise: Sequence[np.ndarray] | None = None,
         progress: ProgressFn | None = None,
     ) -> np.ndarray:
         """(C, h, w) float32 in [-1, 1] -> (C, scale*h, scale*w) float32 in [-1, 1]."""
-        plan = self.step_plan(steps, sampler, eta)
+        sampling = self.sampling(options)
+        plan = plan_steps(self.manifest.schedule.array(), sampling.sampler, sampling.steps, sampling.eta)
         return upscale_array(
             self.engine,
             self.manifest,
             lr,
             plan,
-            seed=seed,
+            seed=sampling.seed,
             tile=self.tile,
             overlap=self.overlap,
             batch=self.batch,
@@ -115,38 +118,23 @@ class Upscaler:
 
     @overload
     def __call__(
-        self,
-        image: np.ndarray,
-        steps: int | None = ...,
-        sampler: str = ...,
-        eta: float = ...,
-        seed: int = ...,
-        progress: ProgressFn | None = ...,
+        self, image: np.ndarray, options: SamplingOptions | None = ..., progress: ProgressFn | None = ...
     ) -> np.ndarray: ...
 
     @overload
     def __call__(
-        self,
-        image: Image.Image,
-        steps: int | None = ...,
-        sampler: str = ...,
-        eta: float = ...,
-        seed: int = ...,
-        progress: ProgressFn | None = ...,
+        self, image: Image.Image, options: SamplingOptions | None = ..., progress: ProgressFn | None = ...
     ) -> Image.Image: ...
 
     def __call__(
         self,
         image: np.ndarray | Image.Image,
-        steps: int | None = None,
-        sampler: str = "ddim",
-        eta: float = 0.0,
-        seed: int = 0,
+        options: SamplingOptions | None = None,
         progress: ProgressFn | None = None,
     ) -> np.ndarray | Image.Image:
-        """Upscale HxWx3 uint8 (or a PIL image) by ``scale``; the same seed gives the same image."""
+        """Upscale HxWx3 uint8 (or a PIL image) by ``scale``; the same options give the same image."""
         rgb = pil_to_array(image) if isinstance(image, Image.Image) else _check_rgb(image)
-        hr = self.upscale_array(to_model_range(rgb), steps, sampler, eta, seed, progress=progress)
+        hr = self.upscale_array(to_model_range(rgb), options, progress=progress)
         out = from_model_range(hr)
         return Image.fromarray(out) if isinstance(image, Image.Image) else out
 

@@ -26,6 +26,7 @@ import pytest
 from PIL import Image
 from tiny_bundle import tiny_bundle
 
+from esrdf.config import SamplingOptions
 from esrdf.runtime.images import from_model_range, to_model_range
 from esrdf.runtime.noise import noise_field
 from esrdf.runtime.sampling import plan_steps
@@ -141,9 +142,7 @@ def _python_upscale(
     from esrdf.runtime import Upscaler
 
     upscaler = Upscaler(bundle, backend="onnxruntime", device="cpu", precision="fp32", threads=1)
-    return upscaler.upscale_array(
-        to_model_range(rgb), steps=steps or None, sampler=sampler, eta=eta, seed=seed
-    )
+    return upscaler.upscale_array(to_model_range(rgb), SamplingOptions(sampler, steps or None, eta, seed))
 
 
 def _write_cases(data: Path, bundle: Path, photos: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import pytest
 import torch
 from tiny_bundle import make_tiny_checkpoint, tiny_bundle, tiny_checkpoint
 
+from esrdf.config import SamplingOptions
 from esrdf.runtime.tolerances import END_TO_END_FP16, END_TO_END_FP32, FP16_GRAPH, FP32_GRAPH
 
 HR_CROP = (slice(40, 88), slice(180, 244))  # 48 x 64 HR, non-square; LR 12 x 16
@@ -81,7 +82,9 @@ def _runtime(
     from esrdf.runtime import Upscaler
 
     runtime = Upscaler(setup["bundle"], tile=0, **upscaler)
-    return runtime.upscale_array(setup["lr"], steps=steps, sampler=sampler, eta=eta, injected_noise=fields)
+    return runtime.upscale_array(
+        setup["lr"], SamplingOptions(steps=steps, sampler=sampler, eta=eta), injected_noise=fields
+    )
 
 
 def _max_abs01(a: np.ndarray, b: np.ndarray) -> float:
@@ -131,9 +134,11 @@ def test_tiled_agrees_with_untiled_in_the_interior(setup: dict[str, Any], astron
     from esrdf.runtime import Upscaler
 
     lr = bicubic_downsample(astronaut[100:196, 200:328], 4).transpose(2, 0, 1).astype(np.float32) / 127.5 - 1
-    whole = Upscaler(setup["bundle"], tile=0).upscale_array(lr, steps=4, seed=5)
-    tiled = Upscaler(setup["bundle"], tile=16, overlap=8, batch=2).upscale_array(lr, steps=4, seed=5)
-    other_seed = Upscaler(setup["bundle"], tile=0).upscale_array(lr, steps=4, seed=6)
+    whole = Upscaler(setup["bundle"], tile=0).upscale_array(lr, SamplingOptions(steps=4, seed=5))
+    tiled = Upscaler(setup["bundle"], tile=16, overlap=8, batch=2).upscale_array(
+        lr, SamplingOptions(steps=4, seed=5)
+    )
+    other_seed = Upscaler(setup["bundle"], tile=0).upscale_array(lr, SamplingOptions(steps=4, seed=6))
     assert tiled.shape == whole.shape == (3, 96, 128)
     inner = (slice(None), slice(32, -32), slice(32, -32))  # one overlap (8 LR = 32 HR px) in from the edge
     assert _psnr01(tiled[inner], whole[inner]) >= 30.0

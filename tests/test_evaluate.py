@@ -20,7 +20,7 @@ from PIL import Image
 from esrdf import metrics
 from esrdf.checkpoint import save_checkpoint
 from esrdf.cli.evaluate import main
-from esrdf.config import preset
+from esrdf.config import SamplingOptions, preset
 from esrdf.evaluate import METHODS, SCORE_NAMES, EvalError, crop_hr, evaluate
 from esrdf.models import build_predictor, build_unet
 
@@ -65,8 +65,9 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, eval_photos: dict[str, n
     return root
 
 
-def _run(workspace: Path, **kwargs):
-    return evaluate(workspace / "ckpt", workspace / "data", steps=2, progress=False, **kwargs)
+def _run(workspace: Path, seed: int | None = None, **kwargs):
+    sampling = SamplingOptions(steps=2, seed=seed)
+    return evaluate(workspace / "ckpt", workspace / "data", sampling, progress=False, **kwargs)
 
 
 def test_report_fields_present_and_finite(workspace, lpips_available, tmp_path):
@@ -139,9 +140,12 @@ def test_predictor_only_checkpoint_has_no_esrdf_column(workspace):
 
 def test_bad_options_fail_before_any_image(workspace):
     with pytest.raises(EvalError, match="steps must be in 1..200"):
-        evaluate(workspace / "ckpt", workspace / "data", steps=201, lpips=False, progress=False)
+        evaluate(
+            workspace / "ckpt", workspace / "data", SamplingOptions(steps=201), lpips=False, progress=False
+        )
+    ddpm_5 = SamplingOptions("ddpm", steps=5)
     with pytest.raises(EvalError, match="DDPM sampler runs all 200"):
-        evaluate(workspace / "ckpt", workspace / "data", sampler="ddpm", steps=5, lpips=False, progress=False)
+        evaluate(workspace / "ckpt", workspace / "data", ddpm_5, lpips=False, progress=False)
     with pytest.raises(EvalError, match="does not exist"):
         evaluate(workspace / "ckpt", workspace / "nowhere", lpips=False, progress=False)
 

@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from esrdf.config import SamplingOptions
 from esrdf.runtime import Upscaler
 from esrdf.runtime.bundle import load_bundle
 from esrdf.runtime.cli import main
@@ -60,11 +61,11 @@ def test_upscaler_numpy_pil_odd_sizes_and_determinism(tiny_bundle, astronaut) ->
     upscaler = Upscaler(tiny_bundle)  # tile 8 and batch 2 from the bundle's export_info
     assert (upscaler.tile, upscaler.batch, upscaler.overlap) == (8, 2, 1)
     small = lr_crop(astronaut, 200, 200, 7, 13)  # smaller than a tile: reflect-padded, then cropped
-    out = upscaler(small, steps=2, seed=1)
+    out = upscaler(small, SamplingOptions(steps=2, seed=1))
     assert out.shape == (28, 52, 3) and out.dtype == np.uint8
-    np.testing.assert_array_equal(upscaler(small, steps=2, seed=1), out)
-    assert not np.array_equal(upscaler(small, steps=2, seed=2), out)
-    pil = upscaler(Image.fromarray(small), steps=2, seed=1)
+    np.testing.assert_array_equal(upscaler(small, SamplingOptions(steps=2, seed=1)), out)
+    assert not np.array_equal(upscaler(small, SamplingOptions(steps=2, seed=2)), out)
+    pil = upscaler(Image.fromarray(small), SamplingOptions(steps=2, seed=1))
     assert isinstance(pil, Image.Image) and pil.size == (52, 28)
     np.testing.assert_array_equal(np.asarray(pil), out)
     with pytest.raises(TypeError, match="HxWx3 uint8"):
@@ -74,11 +75,11 @@ def test_upscaler_numpy_pil_odd_sizes_and_determinism(tiny_bundle, astronaut) ->
 def test_upscaler_is_safe_across_threads(tiny_bundle, astronaut) -> None:
     upscaler = Upscaler(tiny_bundle, threads=1)
     images = [lr_crop(astronaut, 40 * i, 100, 18, 22) for i in range(4)]
-    expected = [upscaler(img, steps=2, seed=i) for i, img in enumerate(images)]
+    expected = [upscaler(img, SamplingOptions(steps=2, seed=i)) for i, img in enumerate(images)]
     results: dict[int, np.ndarray] = {}
 
     def work(i: int) -> None:
-        results[i] = upscaler(images[i], steps=2, seed=i)
+        results[i] = upscaler(images[i], SamplingOptions(steps=2, seed=i))
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
     for t in threads:
@@ -246,7 +247,9 @@ def test_bundle_reader_accepts_the_exported_bundle(tiny_bundle) -> None:
 def test_torch_cuda_backend_matches_onnxruntime_cpu(tiny_bundle, astronaut, test_device) -> None:
     """The driver over a device engine (torch tensors on CUDA) gives the CPU onnxruntime image."""
     lr = to_model_range(lr_crop(astronaut, 90, 170, 30, 36))
-    cpu = Upscaler(tiny_bundle, tile=16, batch=2).upscale_array(lr, steps=STEPS, eta=0.5, seed=4)
+    cpu = Upscaler(tiny_bundle, tile=16, batch=2).upscale_array(
+        lr, SamplingOptions(steps=STEPS, eta=0.5, seed=4)
+    )
     gpu = Upscaler(tiny_bundle, backend="torch", device=test_device, tile=16, batch=2)
-    out = gpu.upscale_array(lr, steps=STEPS, eta=0.5, seed=4)
+    out = gpu.upscale_array(lr, SamplingOptions(steps=STEPS, eta=0.5, seed=4))
     assert np.abs(out - cpu).max() / 2 <= END_TO_END_FP32.max_abs

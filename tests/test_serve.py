@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from tiny_bundle import tiny_bundle
 
+from esrdf.config import SamplingOptions
 from esrdf.runtime import Upscaler
 
 pytest.importorskip("pytriton", reason="esrdf-serve needs the serve extra: pip install 'esrdf[serve]'")
@@ -124,7 +125,7 @@ def test_one_client_gets_the_in_process_runtime_bytes(
         for i, crop in enumerate(crops[:3]):
             out = _infer(http, client, crop, seed=i)
             assert out.shape == (crop.shape[0] * 4, crop.shape[1] * 4, 3) and out.dtype == np.uint8
-            np.testing.assert_array_equal(out, reference(crop, steps=STEPS, seed=i))
+            np.testing.assert_array_equal(out, reference(crop, SamplingOptions(steps=STEPS, seed=i)))
     finally:
         client.close()
 
@@ -162,7 +163,7 @@ def test_concurrent_http_and_grpc_clients_match_the_runtime(
     assert not errors, errors
     assert len(results) == len(crops) * len(plan)
     for (i, seed), out in results.items():
-        want = reference(crops[i], steps=STEPS, seed=seed)
+        want = reference(crops[i], SamplingOptions(steps=STEPS, seed=seed))
         diff = np.abs(out.astype(np.int16) - want.astype(np.int16))
         assert diff.max() <= 1 and np.mean(diff == 0) >= 0.99, f"crop {i} seed {seed}: max {diff.max()}"
     assert np.mean(results[(0, 10)] != results[(0, 11)]) > 0.5  # each request's own seed reached its tiles

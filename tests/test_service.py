@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from tiny_bundle import tiny_bundle
 
+from esrdf.config import SamplingOptions
 from esrdf.runtime import Upscaler
 from esrdf.runtime.serving.service import (
     InvalidRequest,
@@ -55,13 +56,18 @@ def _truncated_png(rgb: np.ndarray) -> Image.Image:
 def test_concurrent_requests_equal_the_in_process_runtime(bundle: Path, crops: list[np.ndarray]) -> None:
     reference = Upscaler(bundle, threads=THREADS)
     expected = {
-        (i, seed): reference(c, steps=STEPS, seed=seed) for i, c in enumerate(crops) for seed in (0, 9)
+        (i, seed): reference(c, SamplingOptions(steps=STEPS, seed=seed))
+        for i, c in enumerate(crops)
+        for seed in (0, 9)
     }
     results: dict[tuple[int, int], np.ndarray] = {}
     with UpscalerService(bundle, _config(queue_size=64)) as service:
 
         def client(seed: int) -> None:
-            futures = {(i, seed): service.submit(c, steps=STEPS, seed=seed) for i, c in enumerate(crops)}
+            futures = {
+                (i, seed): service.submit(c, SamplingOptions(steps=STEPS, seed=seed))
+                for i, c in enumerate(crops)
+            }
             results.update({k: f.result(timeout=120) for k, f in futures.items()})
 
         threads = [threading.Thread(target=client, args=(seed,)) for seed in (0, 9)]
@@ -86,9 +92,9 @@ def test_concurrent_requests_equal_the_in_process_runtime(bundle: Path, crops: l
 def test_full_queue_rejects_or_times_out_with_queue_full(bundle: Path, crops: list[np.ndarray]) -> None:
     service = UpscalerService(bundle, _config(workers=1, queue_size=2), start=False)
     try:
-        queued = [service.submit(crops[0], steps=STEPS, seed=s) for s in range(2)]
+        queued = [service.submit(crops[0], SamplingOptions(steps=STEPS, seed=s)) for s in range(2)]
         with pytest.raises(QueueFull, match="queue full"):
-            service.submit(crops[0], steps=STEPS)
+            service.submit(crops[0], SamplingOptions(steps=STEPS))
         assert service.stats().rejected == 1 and service.stats().queued == 2
         service.start()
         assert all(f.result(timeout=60).shape == (48, 64, 3) for f in queued)
@@ -99,9 +105,9 @@ def test_full_queue_rejects_or_times_out_with_queue_full(bundle: Path, crops: li
         bundle, _config(workers=1, queue_size=1, on_full="block", block_timeout_s=0.05), False
     )
     try:
-        blocking.submit(crops[1], steps=STEPS)
+        blocking.submit(crops[1], SamplingOptions(steps=STEPS))
         with pytest.raises(QueueFull, match="after waiting 0.05 s"):
-            blocking.submit(crops[1], steps=STEPS)
+            blocking.submit(crops[1], SamplingOptions(steps=STEPS))
     finally:
         blocking.close(cancel_pending=True)
 
@@ -118,29 +124,33 @@ def test_bad_requests_fail_alone_and_the_worker_goes_on(bundle: Path, crops: lis
             with pytest.raises(InvalidRequest, match=match):
                 service.submit(bad)  # type: ignore[arg-type]
         with pytest.raises(InvalidRequest, match="steps must be in 1..200"):
-            service.submit(crops[0], steps=500)
+            service.submit(crops[0], SamplingOptions(steps=500))
         with pytest.raises(InvalidRequest, match="unknown sampler"):
-            service.submit(crops[0], sampler="euler")
+            service.submit(crops[0], SamplingOptions(sampler="euler"))
         # A truncated PNG passes submit (PIL decodes lazily) and fails in the worker, between good requests.
-        before = service.submit(crops[2], steps=STEPS, seed=1)
-        broken = service.submit(_truncated_png(crops[3]), steps=STEPS)
-        after = service.submit(crops[4], steps=STEPS, seed=2)
+        before = service.submit(crops[2], SamplingOptions(steps=STEPS, seed=1))
+        broken = service.submit(_truncated_png(crops[3]), SamplingOptions(steps=STEPS))
+        after = service.submit(crops[4], SamplingOptions(steps=STEPS, seed=2))
         with pytest.raises(RequestFailed, match="truncated") as info:
             broken.result(timeout=60)
         assert isinstance(info.value.__cause__, OSError)
-        np.testing.assert_array_equal(before.result(timeout=60), reference(crops[2], steps=STEPS, seed=1))
-        np.testing.assert_array_equal(after.result(timeout=60), reference(crops[4], steps=STEPS, seed=2))
+        np.testing.assert_array_equal(
+            before.result(timeout=60), reference(crops[2], SamplingOptions(steps=STEPS, seed=1))
+        )
+        np.testing.assert_array_equal(
+            after.result(timeout=60), reference(crops[4], SamplingOptions(steps=STEPS, seed=2))
+        )
         assert service.stats().failed == 1 and service.stats().completed == 2
 
 
 def test_closed_service_refuses_and_cancels_what_is_queued(bundle: Path, crops: list[np.ndarray]) -> None:
     service = UpscalerService(bundle, _config(workers=1, queue_size=4), start=False)
-    queued = service.submit(crops[0], steps=STEPS)
+    queued = service.submit(crops[0], SamplingOptions(steps=STEPS))
     service.close(cancel_pending=True)
     with pytest.raises(CancelledError):
         queued.result(timeout=10)
     with pytest.raises(ServiceClosed):
-        service.submit(crops[0], steps=STEPS)
+        service.submit(crops[0], SamplingOptions(steps=STEPS))
 
 
 def _rss_bytes() -> int:
@@ -162,10 +172,13 @@ def test_memory_stays_flat_over_hundreds_of_requests(
         bundle, _config(tile=0, queue_size=64, on_full="block", block_timeout_s=60)
     ) as service:
         for i in range(30):  # warm-up: allocator pools, onnxruntime arenas, thread stacks
-            service.upscale(crops[i % 3], steps=1, seed=i, timeout=60)
+            service.upscale(crops[i % 3], SamplingOptions(steps=1, seed=i), timeout=60)
         before = _rss_bytes()
         for start in range(0, 300, 50):
-            futures = [service.submit(crops[i % 3], steps=1, seed=i) for i in range(start, start + 50)]
+            futures = [
+                service.submit(crops[i % 3], SamplingOptions(steps=1, seed=i))
+                for i in range(start, start + 50)
+            ]
             for f in futures:
                 assert f.result(timeout=60).shape == (96, 96, 3)
         growth = _rss_bytes() - before

@@ -15,6 +15,7 @@ import onnx
 import pytest
 from tiny_bundle import tiny_bundle
 
+from esrdf.config import SamplingOptions
 from esrdf.engines.onnxruntime_engine import OnnxRuntimeEngine
 from esrdf.export.triton_repo import (
     BLS_MODEL,
@@ -99,7 +100,7 @@ def test_bls_model_compiles_and_serves_like_the_runtime(
     request = {"image": rgb, "seed": np.array([4], np.uint64), "steps": np.array([STEPS], np.int32),
                "sampler": np.array([b"ddim"], object), "eta": np.array([0.5], np.float32)}  # fmt: skip
     out = upscale_request(engine, manifest, settings, request)
-    np.testing.assert_array_equal(out, reference(rgb, steps=STEPS, seed=4, eta=0.5))
+    np.testing.assert_array_equal(out, reference(rgb, SamplingOptions(steps=STEPS, seed=4, eta=0.5)))
     default = upscale_request(engine, manifest, settings, {"image": rgb})  # seed 0, the runtime's steps
     np.testing.assert_array_equal(default, reference(rgb))
     with pytest.raises(ValueError, match=r"steps must be in 1\.\.200"):

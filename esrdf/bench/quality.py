@@ -15,16 +15,17 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from esrdf.config import Sampler, SamplingOptions
 
 HELD_OUT = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "china", "flower")
 DEFAULT_STEPS = (1, 2, 5, 10, 20, 50)
 SCORES = ("psnr_rgb", "ssim_rgb", "psnr_y", "ssim_y", "lpips")
 Log = Callable[[str], None]
-Sampler = Literal["ddim", "ddpm"]
 
 
 class QualityError(ValueError):
@@ -137,10 +138,7 @@ def _evaluate(
 
     sampler, steps, eta = run
     eval_options = EvalOptions(
-        steps=steps,
-        sampler=sampler,
-        eta=eta,
-        seed=options.seed,
+        sampling=SamplingOptions(sampler, steps, eta, options.seed),
         lpips=lpips,
         max_size=options.max_size,
         progress=False,

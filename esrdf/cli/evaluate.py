@@ -7,9 +7,11 @@ A thin shell over :func:`esrdf.evaluate.evaluate`: parse, call it, print a table
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import click
+
+from esrdf.config import SAMPLERS, SamplingOptions
 
 
 def _fmt(value: float | None, digits: int) -> str:
@@ -88,9 +90,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 @click.option("--ckpt", "ckpt", required=True, type=click.Path(path_type=Path), help="Checkpoint directory.")
 @click.option("--data", "data", required=True, type=click.Path(path_type=Path), help="Folder of HR images.")
 @click.option("--steps", type=int, default=None, help="Sampling steps (default: all T of the schedule).")
-@click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)
-@click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta in [0, 1].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Image i uses seed + i.")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default=None, help="Sampler (default: ddim).")
+@click.option("--eta", type=float, default=None, help="DDIM eta in [0, 1] (default: 0).")
+@click.option("--seed", type=int, default=None, help="Image i uses seed + i (default: 0).")
 @click.option(
     "--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the report here."
 )
@@ -120,9 +122,9 @@ def main(
     ckpt: Path,
     data: Path,
     steps: int | None,
-    sampler: str,
-    eta: float,
-    seed: int,
+    sampler: str | None,
+    eta: float | None,
+    seed: int | None,
     json_out: Path | None,
     side_by_side: Path | None,
     fid: bool,
@@ -134,16 +136,13 @@ def main(
     """Compare bicubic, predictor-only and full ESRDF outputs on the HR images under --data."""
     from rich.console import Console
 
-    from esrdf.evaluate import Sampler, evaluate
+    from esrdf.evaluate import evaluate
 
     try:
         report = evaluate(
             ckpt,
             data,
-            steps=steps,
-            sampler=cast(Sampler, sampler),
-            eta=eta,
-            seed=seed,
+            SamplingOptions(sampler, steps, eta, seed),
             device=device,
             lpips=not no_lpips,
             fid=fid,

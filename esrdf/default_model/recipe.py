@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from esrdf.config import ModelConfig, UNetConfig, preset
+from esrdf.config import ModelConfig, SamplingOptions, UNetConfig, preset
 
 if TYPE_CHECKING:  # the training config imports the losses, hence torch: only where it is used
     from esrdf.training.config import TrainConfig
@@ -181,7 +181,7 @@ def evaluate_default_model(
     from esrdf.evaluate import evaluate
 
     write_held_out_photos(photos_dir)
-    report = evaluate(ckpt, photos_dir, steps=steps, sampler="ddim", eta=eta, seed=0, progress=False)
+    report = evaluate(ckpt, photos_dir, SamplingOptions("ddim", steps, eta, 0), progress=False)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(report.to_json())
     return report.means

@@ -1,9 +1,10 @@
 """``UpscalerService``: the runtime as a component of a multi-threaded service.
 
+    from esrdf.config import SamplingOptions
     from esrdf.runtime.serving.service import ServiceConfig, UpscalerService
     with UpscalerService("bundle/", ServiceConfig(workers=2, queue_size=32)) as service:
-        future = service.submit(rgb_uint8, steps=20, seed=0)     # from any thread; never blocks on work
-        hr = future.result()                                     # or service.upscale(...) to wait inline
+        future = service.submit(rgb_uint8, SamplingOptions(steps=20))  # any thread; never blocks on work
+        hr = future.result()                                           # or service.upscale(...) inline
 
 - **Pool.** ``workers`` threads, each owning one ``Upscaler`` (its own engine: onnxruntime sessions on the
   CPU, with the machine's cores split between workers; on CUDA its own engine and ``CudaGraphSampler``,
@@ -34,6 +35,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+from esrdf.config import SamplingOptions
 from esrdf.runtime.images import DEFAULT_MAX_PIXELS
 from esrdf.runtime.upscaler import Upscaler
 
@@ -131,10 +133,7 @@ class ServiceStats:
 class _Request:
     id: int
     image: np.ndarray | Image.Image
-    steps: int | None
-    sampler: str
-    eta: float
-    seed: int
+    options: SamplingOptions
     future: Future[Any]
 
 
@@ -172,22 +171,16 @@ class UpscalerService:
         for t in self._threads:
             t.start()
 
-    def submit(
-        self,
-        image: np.ndarray | Image.Image,
-        steps: int | None = None,
-        sampler: str = "ddim",
-        eta: float = 0.0,
-        seed: int = 0,
-    ) -> Future[Any]:
+    def submit(self, image: np.ndarray | Image.Image, options: SamplingOptions | None = None) -> Future[Any]:
         """Queue one request; its future gives what ``Upscaler.__call__`` would (array in, array out).
 
         Raises ``InvalidRequest`` for a bad image or options, ``QueueFull`` under back-pressure and
         ``ServiceClosed`` after ``close``.
         """
-        self._validate(image, steps, sampler, eta, seed)
+        options = options or SamplingOptions()
+        self._validate(image, options)
         future: Future[Any] = Future()
-        request = _Request(next(self._ids), image, steps, sampler, eta, seed, future)
+        request = _Request(next(self._ids), image, options, future)
         with self._lock:
             if self._closed:
                 raise ServiceClosed("the service is closed")
@@ -210,14 +203,11 @@ class UpscalerService:
     def upscale(
         self,
         image: np.ndarray | Image.Image,
-        steps: int | None = None,
-        sampler: str = "ddim",
-        eta: float = 0.0,
-        seed: int = 0,
+        options: SamplingOptions | None = None,
         timeout: float | None = None,
     ) -> Any:
         """``submit(...).result(timeout)``: wait for this request's output (or its error)."""
-        return self.submit(image, steps, sampler, eta, seed).result(timeout)
+        return self.submit(image, options).result(timeout)
 
     def stats(self) -> ServiceStats:
         with self._lock:
@@ -258,7 +248,7 @@ class UpscalerService:
         with self._lock:
             self._counts[key] += 1
 
-    def _validate(self, image: object, steps: int | None, sampler: str, eta: float, seed: int) -> None:
+    def _validate(self, image: object, options: SamplingOptions) -> None:
         if isinstance(image, np.ndarray):
             if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
                 raise InvalidRequest(f"expected a HxWx3 uint8 image, got {image.dtype} {image.shape}")
@@ -269,10 +259,11 @@ class UpscalerService:
             raise InvalidRequest(f"expected a HxWx3 uint8 array or a PIL image, got {type(image).__name__}")
         if pixels > self.config.max_pixels:
             raise InvalidRequest(f"image has {pixels:,} pixels, over the limit of {self.config.max_pixels:,}")
+        seed = self.upscalers[0].sampling(options).seed
         if not isinstance(seed, int) or not 0 <= seed < 2**64:
             raise InvalidRequest(f"seed must be an integer in [0, 2**64), got {seed!r}")
         try:
-            self.upscalers[0].step_plan(steps, sampler, eta)
+            self.upscalers[0].step_plan(options)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
 
@@ -284,10 +275,7 @@ class UpscalerService:
             if not request.future.set_running_or_notify_cancel():
                 continue  # cancelled while queued
             try:
-                result = upscaler(
-                    request.image, steps=request.steps, sampler=request.sampler, eta=request.eta,
-                    seed=request.seed,
-                )  # fmt: skip
+                result = upscaler(request.image, request.options)
             except Exception as exc:  # noqa: BLE001 - any failure belongs to this request alone
                 error = RequestFailed(f"request {request.id} failed: {type(exc).__name__}: {exc}")
                 error.__cause__ = exc

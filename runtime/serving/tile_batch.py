@@ -7,8 +7,8 @@ a tile self-contained is what the driver (``esrdf.runtime.driver``) would otherw
 - its request's seed and its corner in that request's padded LR canvas: the noise of sampler step k is
   ``noise_field(seed, k, y0 * s, x0 * s, ...)`` (``esrdf.runtime.noise``), the same window the driver
   cuts, so a tile sampled here equals the tile the in-process runtime samples;
-- its request's sampling options (steps, sampler, eta), i.e. its ``StepPlan`` (paper Eq. 6-7 in the
-  affine form of ``esrdf.runtime.sampling``).
+- its request's sampling options (sampler, steps, eta of an ``esrdf.config.ResolvedSampling``), i.e. its
+  ``StepPlan`` (paper Eq. 6-7 in the affine form of ``esrdf.runtime.sampling``).
 
 Rows of one batch with the same options run as one engine pass through the driver's per-batch hook (by
 default ``engine_batches``: predictor, then N step calls; on CUDA the engine's graph replay); rows with
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from esrdf.config import ResolvedSampling
 from esrdf.runtime.bundle import Manifest
 from esrdf.runtime.driver import sample_tiles, tile_image
 from esrdf.runtime.engine import BatchSampler, BatchSamplerFactory, NoiseFn
@@ -40,15 +41,6 @@ SendTiles = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
-class SamplingOptions:
-    """What selects a request's ``StepPlan``; hashable, so rows can be grouped and plans cached by it."""
-
-    steps: int
-    sampler: str = "ddim"
-    eta: float = 0.0
-
-
-@dataclass(frozen=True)
 class SeededTile(Tile):
     """A tile of one request: its corner in that request's padded LR canvas, and that request's seed."""
 
@@ -56,21 +48,22 @@ class SeededTile(Tile):
 
 
 class PlanCache:
-    """``StepPlan`` per ``SamplingOptions`` for one schedule; plans are read-only, so threads share them."""
+    """``StepPlan`` per (sampler, steps, eta) for one schedule; plans are read-only, so threads share them."""
 
     def __init__(self, alphas_cumprod: np.ndarray) -> None:
         self._alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
-        self._plans: dict[SamplingOptions, StepPlan] = {}
+        self._plans: dict[tuple[str, int, float], StepPlan] = {}
         self._lock = threading.Lock()
 
-    def plan(self, options: SamplingOptions) -> StepPlan:
+    def plan(self, sampling: ResolvedSampling) -> StepPlan:
+        key = sampling.plan_key  # not the seed: it picks the noise, not the coefficients
         with self._lock:
-            plan = self._plans.get(options)
+            plan = self._plans.get(key)
         if plan is None:
             # ValueError for bad options (steps > T, unknown sampler, eta outside [0, 1]) reaches the caller.
-            plan = plan_steps(self._alphas_cumprod, options.sampler, options.steps, options.eta)
+            plan = plan_steps(self._alphas_cumprod, *key)
             with self._lock:
-                self._plans[options] = plan
+                self._plans[key] = plan
         return plan
 
 
@@ -89,7 +82,7 @@ def sample_tile_rows(
     manifest: Manifest,
     lr_tiles: np.ndarray,
     rows: Sequence[SeededTile],
-    options: Sequence[SamplingOptions],
+    options: Sequence[ResolvedSampling],
     plans: PlanCache,
     sampler: BatchSamplerFactory,
 ) -> np.ndarray:
@@ -107,11 +100,11 @@ def sample_tile_rows(
     scale = manifest.scale
     noise = seeded_noise(scale, channels, th, tw)
     out = np.empty((lr_tiles.shape[0], channels, th * scale, tw * scale), dtype=np.float32)
-    groups: dict[SamplingOptions, list[int]] = {}
+    groups: dict[tuple[str, int, float], list[int]] = {}
     for i, opt in enumerate(options):
-        groups.setdefault(opt, []).append(i)
-    for opt, members in groups.items():
-        sample = sampler(plans.plan(opt), noise, lambda: None)
+        groups.setdefault(opt.plan_key, []).append(i)
+    for members in groups.values():
+        sample = sampler(plans.plan(options[members[0]]), noise, lambda: None)
         out[members] = sample(lr_tiles[members], [rows[i] for i in members])
     return out
 

@@ -13,7 +13,7 @@ Design (whole image in front, tiles behind):
 Clients send whole images to ``esrdf``; ``esrdf_tiles`` is also public, for clients that tile themselves.
 Its rows carry their request's seed and their corner in that request's padded LR canvas, so a tile's noise
 is the same window of the same field the in-process runtime draws (esrdf.runtime.noise): a request's
-output equals ``Upscaler(bundle)(image, seed=...)`` up to how the engine rounds differently batched rows
+output equals ``Upscaler(bundle)(image, options)`` up to how the engine rounds differently batched rows
 (same bytes when the batches are the same; see tests/test_serve.py).
 
 ``esrdf`` inputs (no batch dimension): ``image`` UINT8 [H, W, 3]; optional ``seed`` UINT64 [1] (default 0),
@@ -34,17 +34,12 @@ from typing import Any
 
 import numpy as np
 
+from esrdf.config import ResolvedSampling, SamplingOptions
 from esrdf.runtime.driver import engine_batches
 from esrdf.runtime.engine import BatchSamplerFactory, BatchSamplerSource
 from esrdf.runtime.images import DEFAULT_MAX_PIXELS, from_model_range, to_model_range
-from esrdf.runtime.serving.tile_batch import (
-    PlanCache,
-    SamplingOptions,
-    SeededTile,
-    sample_tile_rows,
-    upscale_via_tiles,
-)
-from esrdf.runtime.upscaler import DEFAULT_STEPS, Upscaler
+from esrdf.runtime.serving.tile_batch import PlanCache, SeededTile, sample_tile_rows, upscale_via_tiles
+from esrdf.runtime.upscaler import Upscaler
 
 IMAGE_MODEL = "esrdf"
 TILE_MODEL = "esrdf_tiles"
@@ -57,13 +52,13 @@ class ImageRequest:
     """A decoded ``esrdf`` request."""
 
     rgb: np.ndarray  # H x W x 3 uint8
-    seed: int
-    options: SamplingOptions
+    options: SamplingOptions  # what the request gives; the rest resolves against the bundle's schedule
 
 
-def _scalar(request: Any, name: str, default: Any) -> Any:
+def _scalar(request: Any, name: str) -> Any:
+    """The one value of an optional input, or None when the request leaves it out."""
     if name not in request:
-        return default
+        return None
     value = np.asarray(request[name]).reshape(-1)
     if value.size != 1:
         raise ValueError(f"input {name!r} must hold one value, got shape {np.shape(request[name])}")
@@ -71,17 +66,19 @@ def _scalar(request: Any, name: str, default: Any) -> Any:
     return item.decode() if isinstance(item, bytes) else item.item()
 
 
-def decode_image_request(request: Any, num_timesteps: int) -> ImageRequest:
+def decode_image_request(request: Any) -> ImageRequest:
     """Validate one ``esrdf`` request; ``ValueError`` with a message a client can act on."""
     rgb = np.asarray(request["image"])
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or 0 in rgb.shape:
         raise ValueError(f"input 'image' must be UINT8 [H, W, 3], got {rgb.dtype} {list(rgb.shape)}")
-    sampler = str(_scalar(request, "sampler", "ddim"))
-    steps = int(_scalar(request, "steps", 0)) or None  # 0 or absent: the runtime's default
-    if steps is None:
-        steps = num_timesteps if sampler == "ddpm" else min(DEFAULT_STEPS, num_timesteps)
-    options = SamplingOptions(steps, sampler, float(_scalar(request, "eta", 0.0)))
-    return ImageRequest(np.ascontiguousarray(rgb), int(_scalar(request, "seed", 0)), options)
+    sampler, steps, eta, seed = (_scalar(request, n) for n in ("sampler", "steps", "eta", "seed"))
+    options = SamplingOptions(
+        sampler=None if sampler is None else str(sampler),
+        steps=(int(steps) or None) if steps is not None else None,  # 0 or absent: the default
+        eta=None if eta is None else float(eta),
+        seed=None if seed is None else int(seed),
+    )
+    return ImageRequest(np.ascontiguousarray(rgb), options)
 
 
 class TileModel:
@@ -110,9 +107,9 @@ class TileModel:
             for (y, x), s in zip(column["corner"], column["seed"][:, 0], strict=True)
         ]
         options = [
-            SamplingOptions(int(n), s.decode() if isinstance(s, bytes) else str(s), float(e))
-            for n, s, e in zip(
-                column["steps"][:, 0], column["sampler"][:, 0], column["eta"][:, 0], strict=True
+            ResolvedSampling(s.decode() if isinstance(s, bytes) else str(s), int(n), float(e), row.seed)
+            for n, s, e, row in zip(
+                column["steps"][:, 0], column["sampler"][:, 0], column["eta"][:, 0], rows, strict=True
             )
         ]
         hr = sample_tile_rows(self.upscaler.manifest, lr, rows, options, self.plans, self._sampler)
@@ -150,13 +147,13 @@ class ImageModel:
             raise ValueError(
                 f"image has {height * width:,} pixels, over this server's limit of {self.max_pixels:,}"
             )
-        self.plans.plan(req.options)  # bad options fail here, before any tile is sent
-        o = req.options
+        o = req.options.resolve(self.manifest.schedule.timesteps)
+        self.plans.plan(o)  # bad options fail here, before any tile is sent
 
         def send(lr_tiles: np.ndarray, corners: np.ndarray) -> np.ndarray:
             n = len(lr_tiles)
             result = self._tile_client().infer_batch(
-                lr=lr_tiles, corner=corners, seed=np.full((n, 1), req.seed, dtype=np.uint64),
+                lr=lr_tiles, corner=corners, seed=np.full((n, 1), o.seed, dtype=np.uint64),
                 steps=np.full((n, 1), o.steps, dtype=np.int32),
                 sampler=np.full((n, 1), o.sampler.encode(), dtype=object),
                 eta=np.full((n, 1), o.eta, dtype=np.float32),
@@ -169,8 +166,7 @@ class ImageModel:
         return from_model_range(hr)
 
     def __call__(self, requests: Requests) -> Responses:
-        T = self.manifest.schedule.timesteps
-        return [{"image": self.upscale(decode_image_request(r, T))} for r in requests]
+        return [{"image": self.upscale(decode_image_request(r))} for r in requests]
 
     def close(self) -> None:
         if self._client is not None:

@@ -71,20 +71,20 @@ def upscale_request(
     engine: Any, manifest: Manifest, settings: BlsSettings, request: Mapping[str, Any]
 ) -> np.ndarray:
     """One request's inputs (name -> array) -> the HR image, H x W x 3 uint8, with any ``Engine``."""
-    req = decode_image_request(request, manifest.schedule.timesteps)
+    req = decode_image_request(request)
     height, width = req.rgb.shape[:2]
     if height * width > settings.max_pixels:
         raise ValueError(
             f"image has {height * width:,} pixels, over this model's limit of {settings.max_pixels:,}"
         )
-    o = req.options
+    o = req.options.resolve(manifest.schedule.timesteps)
     plan = plan_steps(manifest.schedule.array(), o.sampler, o.steps, o.eta)
 
     def padded_batches(plan: StepPlan, noise: NoiseFn, tick: Tick) -> BatchSampler:
         return fixed_batches(engine_batches(engine, plan, noise, tick), settings.batch)
 
     hr = upscale_array(
-        engine, manifest, to_model_range(req.rgb), plan, seed=req.seed, tile=settings.tile,
+        engine, manifest, to_model_range(req.rgb), plan, seed=o.seed, tile=settings.tile,
         overlap=settings.overlap, batch=settings.batch,
         sampler=padded_batches if settings.pad_batch else None,
     )  # fmt: skip
