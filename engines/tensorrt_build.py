@@ -22,7 +22,6 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from esrdf.atomic import atomic_path, link_or_copy
 from esrdf.runtime.bundle import (
     MANIFEST_NAME,
     Bundle,
@@ -204,15 +204,10 @@ def build_serialized_engine(
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build {onnx_path.name} (see the TensorRT log above)")
     if timing_cache is not None:
-        _write_atomically(timing_cache, bytes(config.get_timing_cache().serialize()))
+        timing_cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(timing_cache, suffix=".tmp") as tmp:
+            tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
     return bytes(serialized)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -277,15 +272,6 @@ def _supersedes(new: EngineEntry, old: EngineEntry) -> bool:
     )
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link unchanged files into the new bundle (graphs are hundreds of MB); copy across filesystems."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def add_plans_to_bundle(bundle: Bundle, built: Sequence[BuiltPlan]) -> Manifest:
     """Write ``built`` plans and their manifest rows into the bundle, atomically (temp dir, then rename)."""
     new_entries = [b.entry for b in built]
@@ -299,7 +285,7 @@ def add_plans_to_bundle(bundle: Bundle, built: Sequence[BuiltPlan]) -> Manifest:
             rel = src.relative_to(bundle.root)
             skip = str(rel) in dropped or str(rel) in new_files or rel.name == MANIFEST_NAME
             if src.is_file() and not skip:
-                _link_or_copy(src, tmp / rel)
+                link_or_copy(src, tmp / rel)  # unchanged files: graphs are hundreds of MB
         for name, plan in new_files.items():
             (tmp / name).write_bytes(plan)
         write_manifest(tmp, manifest)

@@ -10,7 +10,7 @@ Layout of ``CKPT_DIR/`` (DESIGN.md section 3)::
 
 A predictor-only checkpoint has no ``unet.*``; a diffusion checkpoint holds both networks. Export and
 inference use ``unet_ema.*`` when present. A checkpoint is written into a temporary sibling directory and
-renamed into place, so the target path never holds a half-written checkpoint.
+renamed into place (``esrdf.atomic``), so the target path never holds a half-written checkpoint.
 
 ``torch.load`` unpickles, and a pickle from a stranger can run any code; so ``.pt``/``.pth``/``.ckpt``/
 ``.bin``/``.pkl`` files are refused by name, and a pickle or zip archive renamed to ``.safetensors`` is
@@ -21,10 +21,6 @@ tensor whose bytes are missing, and a shape that does not fit the config names t
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from esrdf.atomic import OLD_TAG, atomic_dir
 from esrdf.config import ConfigError, ModelConfig
 from esrdf.models.build import build_predictor, build_unet
 from esrdf.models.predictor import Predictor
@@ -138,25 +135,6 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _fsync_dir_files(directory: Path) -> None:
-    for p in directory.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-
-
-def _install_atomically(tmp: Path, target: Path, overwrite: bool) -> None:
-    """Move the finished ``tmp`` dir to ``target``; an old checkpoint is renamed aside, then deleted."""
-    if not target.exists():
-        os.rename(tmp, target)
-        return
-    if not overwrite:
-        raise CheckpointError(f"{target} already exists (pass overwrite=True to replace it)")
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(target, old)
-    os.rename(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_checkpoint(
     path: Path,
     config: ModelConfig,
@@ -168,15 +146,15 @@ def save_checkpoint(
     training_state: TrainingState | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write a checkpoint directory atomically (temp sibling, then rename) and return its path."""
+    """Write a checkpoint directory atomically (``esrdf.atomic.atomic_dir``: temp sibling, files fsynced,
+    then renamed into place; an old checkpoint is renamed aside, then deleted) and return its path."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and not overwrite:
         raise CheckpointError(f"{target} already exists (pass overwrite=True to replace it)")
     if unet_ema is not None and unet is None:
         raise CheckpointError("an EMA U-Net needs the raw U-Net beside it")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_dir(target, fsync=True) as tmp:
         _write_json(tmp / CONFIG_FILE, config.to_dict())
         tensors = _state_for_saving(predictor, PREDICTOR)
         if unet is not None:
@@ -190,11 +168,8 @@ def save_checkpoint(
             state = {k: v.detach().to("cpu").contiguous() for k, v in training_state.tensors.items()}
             save_file(state, tmp / TRAIN_STATE_FILE, metadata={"format": "pt"})
             _write_json(tmp / TRAIN_STATE_JSON, training_state.meta)
-        _fsync_dir_files(tmp)
-        _install_atomically(tmp, target, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if target.exists() and not overwrite:  # appeared while we wrote
+            raise CheckpointError(f"{target} already exists (pass overwrite=True to replace it)")
     return target
 
 
@@ -210,7 +185,7 @@ def checkpoint_dir(path: Path) -> Path:
             )
         path = path.parent
     if not path.is_dir():
-        leftovers = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() else []
+        leftovers = sorted(path.parent.glob(f".{path.name}{OLD_TAG}*")) if path.parent.is_dir() else []
         hint = f"; an interrupted save left {leftovers[0]}: rename it to {path}" if leftovers else ""
         raise CheckpointError(f"checkpoint directory {path} does not exist{hint}")
     if not (path / MODEL_FILE).exists():

@@ -18,13 +18,14 @@ import importlib.util
 import io
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
+
+from esrdf.atomic import atomic_path
 
 InputNorm = Literal["imagenet", "lpips", "none"]
 
@@ -310,15 +311,8 @@ def convert_vgg_weights(src: Path | None = None, dst: Path | None = None, *, for
         "content": "torchvision VGG16 ImageNet features.* + LPIPS v0.1 (vgg) lpips.lin*",
     }
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp_name, metadata=metadata)
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it 0600; a shared cache must be readable by others
-        os.replace(tmp_name, dst)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+    with atomic_path(dst, suffix=".tmp") as tmp:  # mode 0644: a shared cache must be readable by others
+        save_file(state, str(tmp), metadata=metadata)
     return dst
 
 

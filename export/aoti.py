@@ -16,20 +16,19 @@ runtime feeds fixed-shape tiles anyway (the last batch is padded).
 The manifest format has no slot for extra files, hence the sidecar; the C++ runtime checks its hashes, that
 ``torch_weights_sha256`` equals the manifest's (packages from other weights are stale), and the torch
 major.minor. The ``aoti/`` directory is built under a temp name and renamed into place, so a failed build
-never leaves a half-written one.
+never leaves a half-written one (``esrdf.atomic.atomic_dir``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from esrdf.atomic import atomic_dir
 from esrdf.runtime.bundle import BundleError, load_bundle, sha256_file
 from esrdf.runtime.graph_spec import GRAPH_ROLES, NUM_STEP_COEFS, PREDICTOR, STEP
 
@@ -108,8 +107,7 @@ def add_aoti_packages(
     modules = {PREDICTOR: PredictorModule(ckpt.predictor).eval(), STEP: StepModule(ckpt.unet).eval()}
     manifest = bundle.manifest
     target = bundle.root / AOTI_DIR
-    tmp = Path(tempfile.mkdtemp(prefix=f".{AOTI_DIR}.partial-", dir=bundle.root))
-    try:
+    with atomic_dir(target) as tmp:
         packages = []
         for role in GRAPH_ROLES:
             start = time.perf_counter()
@@ -121,11 +119,6 @@ def add_aoti_packages(
             if progress is not None:
                 progress(f"compiled the {role} AOTInductor package ({time.perf_counter() - start:.1f} s)")
         (tmp / SIDECAR).write_text(json.dumps(_sidecar(packages, tile, batch, weights_sha), indent=2) + "\n")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a bundle is read by the service's user too
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -142,14 +135,3 @@ def _sidecar(packages: list[dict[str, str]], tile: int, batch: int, weights_sha:
         "torch_weights_sha256": weights_sha,
         "packages": packages,
     }
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename ``new`` to ``target``; an old ``target`` is moved aside first and removed after."""
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        target.rename(old / target.name)
-        new.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.rename(target)

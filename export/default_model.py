@@ -20,6 +20,7 @@ from pathlib import Path
 
 import click
 
+from esrdf.atomic import atomic_dir
 from esrdf.default_model.recipe import DIFFUSION_DIR, PACKAGE_DIR, SHIP_CKPT_DIR, ship_checkpoint
 from esrdf.export.bundle_writer import DEFAULT_BATCH, DEFAULT_OPSET, DEFAULT_TILE, export_bundle
 
@@ -50,9 +51,8 @@ def install(sources: dict[str, Path], package_dir: Path) -> dict[str, int]:
     sizes: dict[str, int] = {}
     for name, src in sources.items():
         dst = package_dir / name
-        if dst.exists():
-            shutil.rmtree(dst)
-        shutil.copytree(src, dst)
+        with atomic_dir(dst) as tmp:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
         sizes |= {f"{name}/{f.name}": f.stat().st_size for f in sorted(dst.iterdir()) if f.is_file()}
     return sizes
 

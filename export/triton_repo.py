@@ -33,15 +33,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from esrdf.runtime.bundle import (
-    MANIFEST_NAME,
-    Bundle,
-    BundleError,
-    EngineEntry,
-    load_bundle,
-    publish_dir,
-    staging_dir,
-)
+from esrdf.atomic import atomic_dir, link_or_copy
+from esrdf.runtime.bundle import MANIFEST_NAME, Bundle, BundleError, EngineEntry, load_bundle
 from esrdf.runtime.graph_spec import PREDICTOR, STEP, GraphSpec, graph_spec
 
 PREDICTOR_MODEL = "esrdf_predictor"
@@ -201,7 +194,7 @@ def _plan_models(
         files = {}
         for e in plans[role]:
             file = f"model.sm{e.key.compute_capability.replace('.', '')}.plan"
-            _link_or_copy(bundle.root / e.file, out / name / "1" / file)
+            link_or_copy(bundle.root / e.file, out / name / "1" / file)
             files[e.key.compute_capability] = file
         max_batch = hi["batch"] if dynamic_batch else 0
         config = _engine_config(name, "tensorrt_plan", graph_spec(role, bundle.manifest.channels), sizes,
@@ -218,7 +211,7 @@ def _onnx_models(bundle: Bundle, options: TritonRepoOptions, out: Path) -> dict[
     batch = options.batch or int(info.get("batch", 4))
     sizes = {"batch": -1, "lr_height": -1, "lr_width": -1, "height": -1, "width": -1}
     for role, name in ((PREDICTOR, PREDICTOR_MODEL), (STEP, STEP_MODEL)):
-        _link_or_copy(bundle.graph_path(role, options.precision), out / name / "1" / "model.onnx")
+        link_or_copy(bundle.graph_path(role, options.precision), out / name / "1" / "model.onnx")
         # Room for every BLS instance's tile batch in one execution: that is what the batcher merges.
         config = _engine_config(name, "onnxruntime_onnx", graph_spec(role, bundle.manifest.channels), sizes,
                                 batch * options.bls_instances, options, {"": "model.onnx"})  # fmt: skip
@@ -253,15 +246,6 @@ def _param(value: object) -> str:
 def _write_config(model_dir: Path, config: Mapping[str, Any]) -> None:
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "config.pbtxt").write_text(pbtxt(config) + "\n", encoding="utf-8")
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link (plans and graphs are large) or copy across filesystems."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def bls_model_source() -> str:
@@ -311,13 +295,8 @@ def write_triton_repo(
     bundle = load_bundle(bundle_dir)
     target = Path(out_dir).absolute()
     _check_replaceable(target, force)
-    tmp = staging_dir(target)
-    try:
+    with atomic_dir(target) as tmp:
         repo = _build(bundle, options or TritonRepoOptions(), tmp)
-        publish_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return TritonRepo(target, repo.platform, repo.notes)
 
 

@@ -27,8 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +34,7 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 
+from esrdf.atomic import atomic_dir
 from esrdf.config import ConfigError, ModelConfig, strict_from_dict, to_jsonable
 from esrdf.runtime.graph_spec import GRAPH_ROLES, graph_spec
 
@@ -259,7 +258,8 @@ def _check_graph_contracts(root: Path, manifest: Manifest) -> None:
 def write_bundle_atomically(
     target: str | os.PathLike[str], build_fn: Callable[[Path], T], force: bool = False
 ) -> T:
-    """Build a bundle with ``build_fn(tmp_dir)`` next to ``target``, verify it, then rename it into place.
+    """Build a bundle with ``build_fn(tmp_dir)`` next to ``target``, verify it, then rename it into place
+    (``esrdf.atomic.atomic_dir``).
 
     A failure or KeyboardInterrupt removes the temp dir, so a half-written bundle never stands at ``target``.
     An existing ``target`` is refused unless ``force``; even then only a previous bundle or an empty directory
@@ -267,36 +267,11 @@ def write_bundle_atomically(
     """
     target = Path(target).absolute()
     _check_replaceable(target, force)
-    tmp = staging_dir(target)
-    try:
+    with atomic_dir(target) as tmp:
         result = build_fn(tmp)
         load_bundle(tmp, verify=True)  # never rename an inconsistent bundle into place
         _check_replaceable(target, force)
-        publish_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result
-
-
-def staging_dir(target: Path) -> Path:
-    """A fresh folder beside ``target`` to build into; renaming it there is atomic (same filesystem)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; bundles and repositories are read by a service's user too
-    return tmp
-
-
-def publish_dir(tmp: Path, target: Path) -> None:
-    """Rename the finished ``tmp`` to ``target``; an existing target is moved aside first, then deleted,
-    so at every moment ``target`` is either the old folder or the complete new one."""
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        target.rename(old / target.name)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(target)
 
 
 def _check_replaceable(target: Path, force: bool) -> None:

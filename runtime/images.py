@@ -3,19 +3,20 @@
 Loading accepts what users actually have: grayscale, RGBA/LA (alpha dropped: the colour is upscaled as
 stored), palette, CMYK, 16-bit (scaled, not clipped, to 8 bits) and EXIF-rotated photos, all to HxWx3 uint8.
 Anything unreadable is one ``ImageError`` line naming the file. A pixel-count guard turns "too large for
-memory" into a clear message before decoding. Saving is atomic: a temp file next to the target, then
-``os.replace``, so an interrupted run never leaves a partial image under the final name.
+memory" into a clear message before decoding. Saving is atomic (``esrdf.atomic.atomic_path``): a temp file
+next to the target, then a rename, so an interrupted run never leaves a partial image under the final name.
 """
 
 from __future__ import annotations
 
 import glob
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from esrdf.atomic import atomic_path
 
 # Default LR pixel budget. The blend canvas costs 16 bytes per HR pixel (float32 sum over 3 channels plus a
 # float32 weight), i.e. 16 * scale**2 bytes per input pixel: 2**24 input pixels at x4 is about 4.3 GB.
@@ -99,15 +100,8 @@ def save_image(path: str | os.PathLike[str], rgb: np.ndarray) -> None:
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected HxWx3 uint8, got {rgb.dtype} {rgb.shape}")
     options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(rgb).save(f, format=fmt, **options)
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it 0600; an output image is an ordinary file
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=PARTIAL_SUFFIX) as tmp:
+        Image.fromarray(rgb).save(tmp, format=fmt, **options)
 
 
 def remove_stale_partials(target: str | os.PathLike[str]) -> int:
