@@ -80,9 +80,8 @@ def usable_entries(bundle: Bundle, role: str, precision: str, identity: MachineI
     if usable:
         return usable
     if not entries:
-        info = bundle.manifest.export_info
-        tile, batch = int(info.get("tile", 32)), int(info.get("batch", 1))
-        profile = ShapeProfile.static(batch, tile, bundle.manifest.scale)
+        exported = bundle.manifest.export
+        profile = ShapeProfile.static(exported.batch, exported.tile, bundle.manifest.scale)
         raise BundleError(
             f"{bundle.root}: no {precision} TensorRT engine for the {role} graph; "
             f"build one with: {rebuild_command(bundle.root, profile)}"

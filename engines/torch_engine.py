@@ -100,24 +100,18 @@ class TorchEngine:
     def from_bundle(
         cls, bundle: Bundle | str | os.PathLike[str], device: str = "cpu", precision: str = "fp32"
     ) -> TorchEngine:
-        """The eager weights an export stored in the bundle (``torch/``), checked against the manifest."""
-        from esrdf.runtime.bundle import Bundle, load_bundle, sha256_file
+        """The eager weights an export stored in the bundle (``torch/``; ``load_bundle`` checks their sha256
+        like the graphs')."""
+        from esrdf.runtime.bundle import Bundle, load_bundle
 
         if not isinstance(bundle, Bundle):
             bundle = load_bundle(bundle)
-        info = bundle.manifest.export_info
-        rel, digest = info.get("torch_weights"), info.get("torch_weights_sha256")
-        if not isinstance(rel, str) or not isinstance(digest, str):
+        if bundle.manifest.torch_weights is None:
             raise EngineError(
                 f"{bundle.root}: this bundle carries no torch weights (exported with --no-torch-weights); "
                 "use --backend onnxruntime, or re-export without --no-torch-weights"
             )
-        weights = bundle.root / rel
-        if not weights.is_file() or sha256_file(weights) != digest:
-            raise EngineError(
-                f"{weights}: missing, or its sha256 does not match the manifest (modified or corrupted); "
-                f"re-export the bundle with esrdf-export --force"
-            )
+        weights = bundle.root / bundle.manifest.torch_weights.file
         _check_weights_config(weights.parent, bundle.manifest.model_config)
         return cls.from_checkpoint(weights.parent, device=device, precision=precision)
 

@@ -2,7 +2,7 @@
 
 ``add_aoti_packages(bundle_dir)`` compiles the bundle's own torch weights (``torch/``, written by
 ``export_bundle``) with ``torch._inductor.aoti_compile_and_package`` at the bundle's fixed tile/batch shape
-(``export_info["tile"]``/``["batch"]``), and writes them into ``bundle/aoti/``::
+(the manifest's ``export.tile``/``export.batch``), and writes them into ``bundle/aoti/``::
 
     aoti/
       aoti.json        sidecar: sha256 of each package, torch version, shape, weights they came from
@@ -14,9 +14,9 @@ arithmetic. Static shapes: AOTInductor compiles a fixed-shape graph faster and r
 runtime feeds fixed-shape tiles anyway (the last batch is padded).
 
 The manifest format has no slot for extra files, hence the sidecar; the C++ runtime checks its hashes, that
-``torch_weights_sha256`` equals the manifest's (packages from other weights are stale), and the torch
-major.minor. The ``aoti/`` directory is built under a temp name and renamed into place, so a failed build
-never leaves a half-written one (``esrdf.atomic.atomic_dir``).
+its ``torch_weights_sha256`` equals the manifest's ``torch_weights.sha256`` (packages from other weights are
+stale), and the torch major.minor. The ``aoti/`` directory is built under a temp name and renamed into
+place, so a failed build never leaves a half-written one (``esrdf.atomic.atomic_dir``).
 """
 
 from __future__ import annotations
@@ -84,19 +84,14 @@ def add_aoti_packages(
     from esrdf.checkpoint import load_checkpoint
     from esrdf.models.step_module import PredictorModule, StepModule
 
-    bundle = load_bundle(bundle_dir, verify=True)
-    info = bundle.manifest.export_info
-    weights, weights_sha = info.get("torch_weights"), info.get("torch_weights_sha256")
-    if not isinstance(weights, str) or not isinstance(weights_sha, str):
+    bundle = load_bundle(bundle_dir, verify=True)  # checks the torch weights' sha256 too
+    if bundle.manifest.torch_weights is None:
         raise BundleError(
             f"{bundle.root}: no torch weights in this bundle (exported with --no-torch-weights)"
         )
-    if sha256_file(bundle.root / weights) != weights_sha:
-        raise BundleError(
-            f"{bundle.root / weights}: sha256 does not match the manifest (modified or corrupted)"
-        )
-    tile = int(tile if tile is not None else info.get("tile", 0))
-    batch = int(batch if batch is not None else info.get("batch", 1))
+    weights, weights_sha = bundle.manifest.torch_weights.file, bundle.manifest.torch_weights.sha256
+    tile = bundle.manifest.export.tile if tile is None else tile
+    batch = bundle.manifest.export.batch if batch is None else batch
     if tile < 1 or tile % bundle.manifest.lr_multiple_of or batch < 1:
         raise BundleError(
             f"AOTInductor packages need a positive tile (multiple of {bundle.manifest.lr_multiple_of}) "

@@ -6,8 +6,8 @@ failed or interrupted export never leaves a half-written bundle at the target pa
 
 Besides the ONNX graphs, a bundle carries the eager weights for the torch engine (the parity oracle and
 the GPU path without TensorRT) as a checkpoint directory ``torch/`` (``config.json`` + ``model.safetensors``
-with the U-Net weights export used, EMA when the checkpoint had them). Its sha256 sits in
-``export_info["torch_weights_sha256"]`` and ``TorchEngine.from_bundle`` checks it.
+with the U-Net weights export used, EMA when the checkpoint had them). The manifest's ``torch_weights``
+names it with its sha256, which ``load_bundle`` checks like a graph's.
 """
 
 from __future__ import annotations
@@ -27,10 +27,12 @@ import onnx
 from esrdf.config import ModelConfig
 from esrdf.runtime.bundle import (
     FORMAT_VERSION,
+    ExportSettings,
     GraphEntry,
     Manifest,
     ScheduleEntry,
     TensorEntry,
+    WeightsEntry,
     sha256_file,
     write_bundle_atomically,
     write_manifest,
@@ -217,20 +219,18 @@ def _build_bundle(root: Path, ckpt: LoadedCheckpoint, options: ExportOptions, st
     alphas_cumprod = np.asarray(make_schedule(cfg.schedule).alphas_cumprod, dtype=np.float64)
     with stages.stage("parity: eager vs onnxruntime"):
         parity, image_source = _measure_parity(root, files, cfg, modules, alphas_cumprod, options)
-    info: dict[str, str | int] = {
-        "checkpoint": str(ckpt.path),
+    provenance: dict[str, str | int] = {
         "unet_weights": str(ckpt.unet_weights),
-        "tile": options.tile,
-        "batch": options.batch,
         "opset": options.opset,
         "parity_image": image_source,
         "parity_batch": min(options.batch, PARITY_MAX_BATCH),
         "exported_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         **_versions(),
     }
+    torch_weights = None
     if options.torch_weights:
         with stages.stage("write torch weights"):
-            info.update(_write_torch_weights(root, ckpt))
+            torch_weights = _write_torch_weights(root, ckpt)
     graphs = [
         graph_entry(root, file, role, prec, cfg.predictor.in_channels) for (role, prec), file in files.items()
     ]
@@ -245,8 +245,10 @@ def _build_bundle(root: Path, ckpt: LoadedCheckpoint, options: ExportOptions, st
             kind=cfg.schedule.kind, timesteps=cfg.schedule.timesteps, alphas_cumprod=alphas_cumprod.tolist()
         ),
         graphs=graphs,
+        export=ExportSettings(checkpoint=str(ckpt.path), tile=options.tile, batch=options.batch),
         parity=parity,
-        export_info=info,
+        torch_weights=torch_weights,
+        provenance=provenance,
         model_config=cfg.to_dict(),
     )
     write_manifest(root, manifest)
@@ -329,10 +331,10 @@ def _measure_parity(
     return parity, source
 
 
-def _write_torch_weights(root: Path, ckpt: LoadedCheckpoint) -> dict[str, str | int]:
+def _write_torch_weights(root: Path, ckpt: LoadedCheckpoint) -> WeightsEntry:
     """The eager weights export used, as a checkpoint directory inside the bundle, for the torch engine."""
     from esrdf.checkpoint import MODEL_FILE, save_checkpoint
 
     save_checkpoint(root / TORCH_WEIGHTS_DIR, ckpt.config, ckpt.predictor, ckpt.unet)
     rel = f"{TORCH_WEIGHTS_DIR}/{MODEL_FILE}"
-    return {"torch_weights": rel, "torch_weights_sha256": sha256_file(root / rel)}
+    return WeightsEntry(file=rel, sha256=sha256_file(root / rel))

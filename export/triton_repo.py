@@ -206,9 +206,8 @@ def _plan_models(
 
 def _onnx_models(bundle: Bundle, options: TritonRepoOptions, out: Path) -> dict[str, Any]:
     """Write the two graphs as onnxruntime_onnx models with dynamic batch and tile axes."""
-    info = bundle.manifest.export_info
-    tile = options.tile or int(info.get("tile", 64))
-    batch = options.batch or int(info.get("batch", 4))
+    tile = options.tile or bundle.manifest.export.tile
+    batch = options.batch or bundle.manifest.export.batch
     sizes = {"batch": -1, "lr_height": -1, "lr_width": -1, "height": -1, "width": -1}
     for role, name in ((PREDICTOR, PREDICTOR_MODEL), (STEP, STEP_MODEL)):
         link_or_copy(bundle.graph_path(role, options.precision), out / name / "1" / "model.onnx")

@@ -9,15 +9,19 @@ Layout::
       step.onnx
       predictor.fp16.onnx   optional fp16 variants
       step.fp16.onnx
-      *.plan                TensorRT engines (a later issue), keyed by EngineKey
+      *.plan                TensorRT engines, keyed by EngineKey
+      torch/                optional: the eager weights (config.json + model.safetensors) for the torch engine
 
 The manifest carries everything the runtime needs without importing the training code: scale, size
 requirements, the noise schedule (alphas_cumprod in float64; paper Eq. 1-3), each graph's file, sha256 and
-I/O contract, engine keys, and the parity figures export measured against the eager model.
+I/O contract, engine keys, and the parity figures export measured against the eager model. Everything a
+reader uses is a typed field: ``export`` (the checkpoint it came from, quoted in re-export hints; the LR
+tile and tile batch export measured at, the run-time defaults) and ``torch_weights`` (file and sha256,
+checked by ``load_bundle`` like the graphs). ``provenance`` is free-form (tool versions, export time, ...)
+and nothing reads it.
 
-``export_info`` is free-form provenance (tool versions, checkpoint path, ...). The runtime reads three keys
-when present: ``checkpoint`` (quoted in re-export hints), ``tile`` and ``batch`` (the LR tile size and
-tile batch export checked; used as run-time defaults).
+Format version 2 (this one) typed what version 1 kept in a free ``export_info`` dict; a version-1 bundle is
+refused with the command that re-exports it.
 
 JSON floats: Python writes the shortest repr that round-trips, so float64 schedule values reload bit-exact.
 """
@@ -38,7 +42,7 @@ from esrdf.atomic import atomic_dir
 from esrdf.config import ConfigError, ModelConfig, strict_from_dict, to_jsonable
 from esrdf.runtime.graph_spec import GRAPH_ROLES, graph_spec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 
 Role = Literal["predictor", "step"]
@@ -119,6 +123,23 @@ class ScheduleEntry:
 
 
 @dataclass(frozen=True)
+class ExportSettings:
+    """How the bundle was exported, as far as the runtime reads it."""
+
+    checkpoint: str  # the checkpoint directory exported; re-export hints quote it
+    tile: int  # LR tile size export measured parity at; the runtime's default tile
+    batch: int  # tiles per engine call export targeted; the runtime's default batch
+
+
+@dataclass(frozen=True)
+class WeightsEntry:
+    """A file of eager weights in the bundle (``torch/model.safetensors``), hash-checked like a graph."""
+
+    file: str  # relative to the bundle root
+    sha256: str
+
+
+@dataclass(frozen=True)
 class Manifest:
     format_version: int
     model_name: str
@@ -128,9 +149,11 @@ class Manifest:
     value_range: list[float]  # [-1.0, 1.0]: images enter and leave the graphs in this range
     schedule: ScheduleEntry
     graphs: list[GraphEntry]
+    export: ExportSettings
     engines: list[EngineEntry] = field(default_factory=list)
     parity: dict[str, dict[str, float]] = field(default_factory=dict)  # e.g. {"step_fp16": {"psnr_db": 61.2}}
-    export_info: dict[str, str | int] = field(default_factory=dict)
+    torch_weights: WeightsEntry | None = None  # None: exported with --no-torch-weights
+    provenance: dict[str, str | int] = field(default_factory=dict)  # free-form; nothing reads it
     model_config: dict[str, Any] = field(default_factory=dict)  # ModelConfig.to_dict()
 
     @property
@@ -167,7 +190,7 @@ class Manifest:
             raise BundleError("manifest must be a JSON object")
         version = data.get("format_version")
         if version != FORMAT_VERSION:
-            # Checked before the strict decode so a newer format gets this message, not "unknown key".
+            # Checked before the strict decode so another format gets this message, not "unknown key".
             raise BundleError(
                 f"bundle format version {version!r}; this runtime reads version {FORMAT_VERSION}"
             )
@@ -211,8 +234,27 @@ class Bundle:
 
 
 def _reexport_hint(root: Path, manifest: Manifest | None, precision: str = "both") -> str:
-    ckpt = manifest.export_info.get("checkpoint", "CKPT_DIR") if manifest else "CKPT_DIR"
-    return f"re-export with: esrdf-export --ckpt {ckpt} --out {root} --precision {precision} --force"
+    ckpt = manifest.export.checkpoint if manifest else "CKPT_DIR"
+    return _reexport_command(root, ckpt, precision)
+
+
+def _reexport_command(root: Path, checkpoint: str, precision: str) -> str:
+    return f"re-export with: esrdf-export --ckpt {checkpoint} --out {root} --precision {precision} --force"
+
+
+def _other_format_hint(root: Path, text: str) -> str:
+    """The re-export command for a manifest of another format version, from what it says (version 1 kept
+    the checkpoint in ``export_info``), so an old bundle's error names the command that renews it."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return _reexport_hint(root, None)
+    info = data.get("export", data.get("export_info")) if isinstance(data, dict) else None
+    ckpt = info.get("checkpoint") if isinstance(info, dict) else None
+    graphs = data.get("graphs") if isinstance(data, dict) else None
+    found = {g.get("precision") for g in graphs if isinstance(g, dict)} if isinstance(graphs, list) else set()
+    precision = str(next(iter(found))) if len(found) == 1 and found <= set(PRECISIONS) else "both"
+    return _reexport_command(root, ckpt if isinstance(ckpt, str) else "CKPT_DIR", precision)
 
 
 def load_bundle(directory: str | os.PathLike[str], verify: bool = True) -> Bundle:
@@ -221,23 +263,27 @@ def load_bundle(directory: str | os.PathLike[str], verify: bool = True) -> Bundl
     path = root / MANIFEST_NAME
     if not path.is_file():
         raise BundleError(f"{root}: not an ESRDF bundle (no {MANIFEST_NAME}); {_reexport_hint(root, None)}")
+    text = path.read_text(encoding="utf-8")
     try:
-        manifest = Manifest.from_json(path.read_text(encoding="utf-8"))
+        manifest = Manifest.from_json(text)
     except BundleError as exc:
-        raise BundleError(f"{path}: {exc}; {_reexport_hint(root, None)}") from exc
+        raise BundleError(f"{path}: {exc}; {_other_format_hint(root, text)}") from exc
     _check_graph_contracts(root, manifest)
+    # (file, sha256, the precision a re-export must write) of every file the manifest lists
     entries: list[GraphEntry | EngineEntry] = [*manifest.graphs, *manifest.engines]
-    for entry in entries:
-        file = root / entry.file
+    files = [(e.file, e.sha256, str(e.precision)) for e in entries]
+    if manifest.torch_weights is not None:
+        files.append((manifest.torch_weights.file, manifest.torch_weights.sha256, "both"))
+    for name, sha256, precision in files:
+        file = root / name
         if not file.is_file():
             raise BundleError(
-                f"{file}: listed in the manifest but missing; "
-                f"{_reexport_hint(root, manifest, entry.precision)}"
+                f"{file}: listed in the manifest but missing; {_reexport_hint(root, manifest, precision)}"
             )
-        if verify and sha256_file(file) != entry.sha256:
+        if verify and sha256_file(file) != sha256:
             raise BundleError(
                 f"{file}: sha256 does not match the manifest (modified or corrupted); "
-                f"{_reexport_hint(root, manifest, entry.precision)}"
+                f"{_reexport_hint(root, manifest, precision)}"
             )
     return Bundle(root=root, manifest=manifest)
 

@@ -35,8 +35,6 @@ from esrdf.runtime.engine import BatchSamplerFactory, BatchSamplerSource, Engine
 from esrdf.runtime.images import from_model_range, pil_to_array, to_model_range
 from esrdf.runtime.sampling import StepPlan, plan_steps
 
-DEFAULT_TILE = 64  # LR pixels, used when neither the caller, the graph nor the bundle's export_info says
-
 
 class Upscaler:
     """A loaded bundle and an open engine; call it on images."""
@@ -62,9 +60,9 @@ class Upscaler:
             )
         self.engine: Engine = open_engine(self.bundle, backend, device, precision, threads)
         fixed_batch, fixed_tile = fixed_shape(self.manifest)
-        info = self.manifest.export_info
-        self.tile = _first_int(tile, fixed_tile, info.get("tile"), DEFAULT_TILE)
-        self.batch = _first_int(batch, fixed_batch, info.get("batch"), 1)
+        exported = self.manifest.export
+        self.tile = _first_given(tile, fixed_tile, exported.tile)
+        self.batch = _first_given(batch, fixed_batch, exported.batch)
         # Default seam: 1/8 of the tile (8 LR pixels for 64-pixel tiles); work grows as 1/(tile - overlap)^2.
         self.overlap = 0 if self.tile == 0 else (self.tile // 8 if overlap is None else overlap)
         if self.tile and not 0 <= self.overlap < self.tile:
@@ -139,12 +137,9 @@ class Upscaler:
         return Image.fromarray(out) if isinstance(image, Image.Image) else out
 
 
-def _first_int(*candidates: object) -> int:
-    """The first candidate that is an int (bundle export_info values may be absent or strings)."""
-    for c in candidates:
-        if isinstance(c, int) and not isinstance(c, bool):
-            return c
-    raise ValueError("no integer candidate")
+def _first_given(*candidates: int | None) -> int:
+    """The first candidate that is not None: the caller's, the graphs' fixed size, then the export's."""
+    return next(c for c in candidates if c is not None)
 
 
 def _check_rgb(image: np.ndarray) -> np.ndarray:

@@ -122,8 +122,10 @@ def test_manifest_describes_the_bundle(bundle_dir: Path, base: Path) -> None:
     }
     for g in manifest.graphs:
         assert g.sha256 == sha256_file(bundle_dir / g.file) and g.opset == 18
-    info = manifest.export_info
-    assert (info["tile"], info["batch"], info["opset"]) == (TILE, BATCH, 18)
+    assert (manifest.export.tile, manifest.export.batch) == (TILE, BATCH)
+    assert Path(manifest.export.checkpoint) == tiny_checkpoint(base)
+    info = manifest.provenance
+    assert info["opset"] == 18
     assert info["parity_image"] == "skimage.data.astronaut" and info["unet_weights"] == "ema"
     for role in GRAPH_ROLES:
         assert manifest.parity[f"{role}_fp32"]["max_abs_rel"] <= FP32_GRAPH.max_abs_rel
@@ -135,12 +137,12 @@ def test_manifest_describes_the_bundle(bundle_dir: Path, base: Path) -> None:
     source = read_model_tensors(tiny_checkpoint(base))
     key = "unet.output_conv.weight"
     assert np.array_equal(stored[key].numpy(), source["unet_ema." + key[5:]].numpy())
-    assert info["torch_weights_sha256"] == sha256_file(bundle_dir / str(info["torch_weights"]))
+    assert manifest.torch_weights is not None and manifest.torch_weights.file == "torch/model.safetensors"
+    assert manifest.torch_weights.sha256 == sha256_file(bundle_dir / manifest.torch_weights.file)
 
 
 def test_tampered_bundle_is_refused(bundle_dir: Path, tmp_path: Path) -> None:
     from esrdf.engines.torch_engine import TorchEngine
-    from esrdf.runtime.engine import EngineError
 
     copy = Path(shutil.copytree(bundle_dir, tmp_path / "bundle"))
     step = copy / "step.fp16.onnx"
@@ -155,7 +157,10 @@ def test_tampered_bundle_is_refused(bundle_dir: Path, tmp_path: Path) -> None:
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0x01
     weights.write_bytes(bytes(data))
-    with pytest.raises(EngineError, match="sha256"):
+    # The torch weights are hash-checked like the graphs, by load_bundle, which the torch engine opens.
+    with pytest.raises(BundleError, match=r"torch/model\.safetensors.*sha256.*esrdf-export"):
+        load_bundle(copy2)
+    with pytest.raises(BundleError, match=r"torch/model\.safetensors.*sha256"):
         TorchEngine.from_bundle(copy2)
 
 
@@ -283,6 +288,6 @@ def test_cli_force_replaces_a_bundle_atomically(bundle_dir: Path, base: Path, tm
     assert result.output.strip() == f"wrote bundle {target}"
     manifest = load_bundle(target).manifest
     assert sorted(g.file for g in manifest.graphs) == ["predictor.onnx", "step.onnx"]
-    assert manifest.export_info["batch"] == 1 and "torch_weights" not in manifest.export_info
+    assert manifest.export.batch == 1 and manifest.torch_weights is None
     assert sorted(p.name for p in target.iterdir()) == ["manifest.json", "predictor.onnx", "step.onnx"]
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no temp or old directories left behind

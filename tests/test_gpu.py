@@ -32,7 +32,7 @@ from esrdf.engines.torch_engine import TorchEngine
 from esrdf.export.parity import bar_failures, compare
 from esrdf.models.build import build_predictor, build_unet
 from esrdf.runtime import driver
-from esrdf.runtime.bundle import Manifest, ScheduleEntry
+from esrdf.runtime.bundle import FORMAT_VERSION, ExportSettings, Manifest, ScheduleEntry
 from esrdf.runtime.noise import noise_bits, noise_field
 from esrdf.runtime.sampling import StepPlan, plan_steps
 from esrdf.runtime.tolerances import END_TO_END_FP16, END_TO_END_FP32, FP16_GRAPH
@@ -205,7 +205,7 @@ def test_failed_capture_ends_it_and_falls_back_with_one_warning(modules, alphas_
 def test_graph_batch_sampler_is_a_drop_in_for_the_drivers_engine_calls(modules, alphas_cumprod, photos):
     engine = TorchEngine(*modules, device="cpu")
     manifest = Manifest(
-        format_version=1,
+        format_version=FORMAT_VERSION,
         model_name=CFG.name,
         scale=SCALE,
         channels=CHANNELS,
@@ -215,6 +215,7 @@ def test_graph_batch_sampler_is_a_drop_in_for_the_drivers_engine_calls(modules, 
             kind="linear", timesteps=len(alphas_cumprod), alphas_cumprod=alphas_cumprod.tolist()
         ),
         graphs=[],
+        export=ExportSettings(checkpoint="none", tile=16, batch=2),
     )
     photo = photos["coffee"][100:130, 200:246]  # 30x46: 3x4 tiles of 16, a partial last batch of 5
     lr = photo.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0

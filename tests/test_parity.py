@@ -159,7 +159,7 @@ def test_export_parity_figures_reproduce(setup: dict[str, Any]) -> None:
     bundle: Path = setup["bundle"]
     manifest = load_bundle(bundle).manifest
     photo, _source = parity_photo()
-    tile, batch = int(manifest.export_info["tile"]), int(manifest.export_info["parity_batch"])
+    tile, batch = manifest.export.tile, int(manifest.provenance["parity_batch"])
     feeds = make_feeds(
         setup["modules"][PREDICTOR], setup["schedule"].alphas_cumprod, photo, batch, tile, tile, 4
     )

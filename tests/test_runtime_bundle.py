@@ -22,6 +22,7 @@ from esrdf.runtime.bundle import (
     BundleError,
     EngineEntry,
     EngineKey,
+    ExportSettings,
     GraphEntry,
     Manifest,
     ScheduleEntry,
@@ -62,9 +63,9 @@ def build_fake_bundle(root: Path, photo: np.ndarray) -> Manifest:
         value_range=[-1.0, 1.0],
         schedule=ScheduleEntry("linear", 200, alphas_cumprod.tolist()),
         graphs=graphs,
+        export=ExportSettings(checkpoint="/ckpts/tiny", tile=32, batch=2),
         engines=[],
         parity={"step_fp32": {"max_abs_rel": 3.2e-6}},
-        export_info={"checkpoint": "/ckpts/tiny", "tile": 32, "batch": 2},
         model_config={},
     )
     write_manifest(root, manifest)
@@ -144,7 +145,7 @@ def _edit_manifest(bundle_dir: Path, edit) -> None:
 @pytest.mark.parametrize(
     ("edit", "match"),
     [
-        (lambda d: d.update(format_version=2), "format version 2; this runtime reads version 1"),
+        (lambda d: d.update(format_version=3), "format version 3; this runtime reads version 2"),
         (lambda d: d.update(tile_size=64), r"unknown key\(s\) \['tile_size'\]"),
         (lambda d: d.pop("scale"), r"missing key 'scale'"),
         (lambda d: d["graphs"][0].update(precision="int8"), "'int8' is not one of"),
@@ -157,6 +158,22 @@ def test_bad_manifest_is_refused(bundle_dir: Path, edit, match: str) -> None:
     _edit_manifest(bundle_dir, edit)
     with pytest.raises(BundleError, match=match):
         load_bundle(bundle_dir)
+
+
+def test_a_version_1_bundle_gets_one_line_naming_its_re_export_command(bundle_dir: Path) -> None:
+    def as_version_1(d: dict) -> None:  # version 1 kept tile, batch and checkpoint in a free export_info
+        d.update(format_version=1, export_info={**d.pop("export"), "checkpoint": "ckpts/v1"})
+        for key in ("torch_weights", "provenance"):
+            d.pop(key)
+
+    _edit_manifest(bundle_dir, as_version_1)
+    with pytest.raises(BundleError) as info:
+        load_bundle(bundle_dir)
+    message = str(info.value)
+    assert "\n" not in message and "format version 1; this runtime reads version 2" in message
+    assert message.endswith(
+        f"re-export with: esrdf-export --ckpt ckpts/v1 --out {bundle_dir} --precision both --force"
+    )
 
 
 def test_not_a_bundle(tmp_path: Path) -> None:

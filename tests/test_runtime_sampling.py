@@ -13,7 +13,14 @@ import dataclasses
 import numpy as np
 import pytest
 
-from esrdf.runtime.bundle import GraphEntry, Manifest, ScheduleEntry, TensorEntry
+from esrdf.runtime.bundle import (
+    FORMAT_VERSION,
+    ExportSettings,
+    GraphEntry,
+    Manifest,
+    ScheduleEntry,
+    TensorEntry,
+)
 from esrdf.runtime.driver import engine_batches, fixed_batches, fixed_shape, upscale_array
 from esrdf.runtime.noise import noise_field
 from esrdf.runtime.sampling import ddim_coefficients, ddim_timesteps, ddpm_coefficients, plan_steps
@@ -250,7 +257,7 @@ class AnalyticEngine:
 def analytic_manifest(ab: np.ndarray, scale: int = 2) -> Manifest:
     schedule = ScheduleEntry(kind="linear", timesteps=len(ab), alphas_cumprod=ab.tolist())
     return Manifest(
-        format_version=1,
+        format_version=FORMAT_VERSION,
         model_name="analytic",
         scale=scale,
         channels=3,
@@ -258,6 +265,7 @@ def analytic_manifest(ab: np.ndarray, scale: int = 2) -> Manifest:
         value_range=[-1.0, 1.0],
         schedule=schedule,
         graphs=[],
+        export=ExportSettings(checkpoint="none", tile=16, batch=2),
     )
 
 

@@ -34,10 +34,12 @@ from esrdf.engines.tensorrt_build import (
 )
 from esrdf.engines.tensorrt_engine import EngineKeyMismatch, key_mismatches, usable_entries
 from esrdf.runtime.bundle import (
+    FORMAT_VERSION,
     Bundle,
     BundleError,
     EngineEntry,
     EngineKey,
+    ExportSettings,
     GraphEntry,
     Manifest,
     ScheduleEntry,
@@ -59,7 +61,7 @@ def tiny_manifest(
     graphs: list[GraphEntry] | None = None, engines: list[EngineEntry] | None = None
 ) -> Manifest:
     return Manifest(
-        format_version=1,
+        format_version=FORMAT_VERSION,
         model_name="tiny",
         scale=4,
         channels=3,
@@ -67,8 +69,8 @@ def tiny_manifest(
         value_range=[-1.0, 1.0],
         schedule=ScheduleEntry(kind="linear", timesteps=3, alphas_cumprod=[0.9, 0.8, 0.7]),
         graphs=graphs or [],
+        export=ExportSettings(checkpoint="ckpt/", tile=16, batch=2),
         engines=engines or [],
-        export_info={"tile": 16, "batch": 2},
     )
 
 

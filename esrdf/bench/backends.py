@@ -23,7 +23,7 @@ import numpy as np
 
 from esrdf.bench.machine import bf16_support
 from esrdf.runtime.backends import open_engine
-from esrdf.runtime.bundle import Bundle, BundleError, sha256_file
+from esrdf.runtime.bundle import Bundle, BundleError
 from esrdf.runtime.driver import upscale_array
 from esrdf.runtime.engine import EngineError
 from esrdf.runtime.sampling import StepPlan
@@ -219,16 +219,12 @@ def eager_models(bundle: Bundle, ckpt: Path | None = None) -> tuple[nn.Module, n
         raise BackendSkipped("torch is not installed")
     from esrdf.checkpoint import load_checkpoint
 
-    if ckpt is None:
-        rel, digest = (bundle.manifest.export_info.get(k) for k in ("torch_weights", "torch_weights_sha256"))
-        if not isinstance(rel, str) or not isinstance(digest, str):
+    if ckpt is None:  # the bundle's torch weights, whose sha256 load_bundle has checked
+        if bundle.manifest.torch_weights is None:
             raise BackendSkipped(
                 "the bundle carries no torch weights (exported with --no-torch-weights); pass --ckpt"
             )
-        weights = bundle.root / rel
-        if not weights.is_file() or sha256_file(weights) != digest:
-            raise BundleError(f"{weights}: missing or its sha256 differs from the manifest; re-export")
-        ckpt = weights.parent
+        ckpt = (bundle.root / bundle.manifest.torch_weights.file).parent
     loaded = load_checkpoint(ckpt)
     if loaded.unet is None:
         raise BackendSkipped(f"{ckpt} is a predictor-only checkpoint")

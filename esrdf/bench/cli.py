@@ -236,10 +236,10 @@ def _quality(
     from esrdf.runtime.bundle import load_bundle
 
     if ckpt is None:  # the eager weights the bundle carries (run_benchmark has verified its hashes)
-        rel = load_bundle(report["bundle"]["path"], verify=False).manifest.export_info.get("torch_weights")
-        if not isinstance(rel, str):
+        weights = load_bundle(report["bundle"]["path"], verify=False).manifest.torch_weights
+        if weights is None:
             raise QualityError("--quality needs --ckpt (the bundle carries no torch weights)")
-        ckpt = (Path(report["bundle"]["path"]) / rel).parent
+        ckpt = (Path(report["bundle"]["path"]) / weights.file).parent
     return quality_sweep(ckpt, options, data_dir=data, log=_log)
 
 

@@ -110,8 +110,7 @@ def check_options(options: BenchOptions, bundle: Bundle) -> int:
         raise BenchError("--cpu-tuning searches CPU settings; run it with --device cpu")
     if options.threads is not None and options.threads < 1:
         raise BenchError(f"threads must be >= 1, got {options.threads}")
-    info_tile = bundle.manifest.export_info.get("tile")
-    tile = options.tile if options.tile is not None else (info_tile if isinstance(info_tile, int) else 32)
+    tile = options.tile if options.tile is not None else bundle.manifest.export.tile
     multiple = bundle.manifest.lr_multiple_of
     if tile < 1 or tile % multiple:
         raise BenchError(
@@ -135,7 +134,7 @@ def bundle_summary(bundle: Bundle) -> dict[str, Any]:
         "scale": m.scale,
         "timesteps": m.schedule.timesteps,
         "precisions": bundle.precisions(),
-        "export_tile": m.export_info.get("tile"),
+        "export_tile": m.export.tile,
         "parity_at_export": m.parity,
     }
 

@@ -52,8 +52,8 @@ void check_provenance(const Bundle& bundle, const json& doc) {
     throw Error(ErrorCode::kStale, path + ": packages compiled by torch " + torch_version + ", this library links "
                                           "libtorch " + here + "; " + rebuild(bundle));
   }
-  auto info = bundle.manifest.export_info.find("torch_weights_sha256");
-  if (info == bundle.manifest.export_info.end() || info->second != doc.at("torch_weights_sha256")) {
+  const auto& weights = bundle.manifest.torch_weights;
+  if (!weights || weights->sha256 != doc.at("torch_weights_sha256")) {
     throw Error(ErrorCode::kStale, path + ": packages were compiled from other weights than this bundle's "
                                           "torch/ weights; " + rebuild(bundle));
   }

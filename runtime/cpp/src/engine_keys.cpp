@@ -21,7 +21,7 @@ std::string key_mismatches(const EngineKey& key, const MachineIdentity& here, co
 }
 
 std::string tensorrt_rebuild_command(const Bundle& bundle, const EngineKey* key) {
-  int tile = bundle.manifest.export_info_int("tile", 32), batch = bundle.manifest.export_info_int("batch", 1);
+  int tile = bundle.manifest.exported.tile, batch = bundle.manifest.exported.batch;
   bool dynamic = false;
   if (key != nullptr && key->profile.count("min") && key->profile.count("max")) {
     const auto& max = key->profile.at("max");

@@ -1,4 +1,4 @@
-// manifest.json -> esrdf::Manifest, and bundle loading with sha256 checks (esrdf/runtime/bundle.py).
+// manifest.json -> esrdf::Manifest, and bundle loading with sha256 checks (esrdf/runtime/bundle.py), format 2.
 //
 // The decoder is strict like the Python one: a missing, mistyped or unknown key is an error naming it, and
 // the format version is checked first so a newer bundle says so instead of "unknown key".
@@ -59,14 +59,19 @@ std::vector<double> numbers(const json& v, const std::string& where) {
   return out;
 }
 
+std::string relative_file(const json& obj, const std::string& where) {
+  const std::string file = str(obj, "file", where);
+  if (file.empty() || file[0] == '/' || file.find("..") != std::string::npos) {
+    bad(where + ".file", "'" + file + "' must be a relative path inside the bundle");
+  }
+  return file;
+}
+
 FileEntry file_entry(const json& obj, const std::string& where) {
-  FileEntry e{str(obj, "role", where), str(obj, "precision", where), str(obj, "file", where),
+  FileEntry e{str(obj, "role", where), str(obj, "precision", where), relative_file(obj, where),
               str(obj, "sha256", where)};
   if (e.role != "predictor" && e.role != "step") bad(where + ".role", "'" + e.role + "' is not predictor|step");
   if (e.precision != "fp32" && e.precision != "fp16") bad(where + ".precision", "not fp32|fp16");
-  if (e.file.empty() || e.file[0] == '/' || e.file.find("..") != std::string::npos) {
-    bad(where + ".file", "'" + e.file + "' must be a relative path inside the bundle");
-  }
   return e;
 }
 
@@ -146,17 +151,21 @@ const FileEntry* Manifest::graph(const std::string& role, const std::string& pre
   return nullptr;
 }
 
-int Manifest::export_info_int(const std::string& key, int fallback) const {
-  auto it = export_info.find(key);
-  if (it == export_info.end()) return fallback;
-  try {
-    return std::stoi(it->second);
-  } catch (const std::exception&) {
-    return fallback;
-  }
-}
-
 namespace {
+
+void read_export(Manifest& m, const json& doc) {
+  const json& e = doc.at("export");
+  check_keys(e, "export", {"checkpoint", "tile", "batch"});
+  m.exported = {str(e, "checkpoint", "export"), static_cast<int>(integer(e, "tile", "export")),
+                static_cast<int>(integer(e, "batch", "export"))};
+  if (m.exported.tile < 1 || m.exported.batch < 1) bad("export", "tile and batch must be >= 1");
+  const json& w = doc.at("torch_weights");
+  if (!w.is_null()) {
+    check_keys(w, "torch_weights", {"file", "sha256"});
+    m.torch_weights = WeightsEntry{relative_file(w, "torch_weights"), str(w, "sha256", "torch_weights")};
+  }
+  if (!doc.at("provenance").is_object()) bad("provenance", "expected an object");
+}
 
 Manifest decode_manifest(const json& doc) {
   if (!doc.is_object()) bad("top level", "expected an object");
@@ -168,7 +177,7 @@ Manifest decode_manifest(const json& doc) {
   }
   check_keys(doc, "manifest",
              {"format_version", "model_name", "scale", "channels", "hr_multiple_of", "value_range", "schedule",
-              "graphs", "engines", "parity", "export_info", "model_config"});
+              "graphs", "export", "engines", "parity", "torch_weights", "provenance", "model_config"});
   Manifest m;
   m.format_version = kFormatVersion;
   m.model_name = str(doc, "model_name", "manifest");
@@ -194,9 +203,7 @@ Manifest decode_manifest(const json& doc) {
     entry.key = engine_key(e.at("key"), where + ".key");
     m.engines.push_back(entry);
   }
-  for (const auto& [key, value] : doc.at("export_info").items()) {
-    m.export_info[key] = value.is_string() ? value.get<std::string>() : value.dump();
-  }
+  read_export(m, doc);
   return m;
 }
 
@@ -212,10 +219,31 @@ Manifest parse_manifest(const std::string& json_text) {
   }
 }
 
+namespace {
+
+std::string reexport_command(const std::string& root, const std::string& checkpoint, const std::string& flags) {
+  const std::string ckpt = checkpoint.empty() ? "CKPT_DIR" : checkpoint;
+  return "re-export with: esrdf-export --ckpt " + ckpt + " --out " + root + " --force" + flags;
+}
+
+// The checkpoint a manifest of any format version names (version 1 kept it in "export_info"), so that the
+// error for an old bundle names the command that renews it.
+std::string checkpoint_named_in(const std::string& json_text) {
+  json doc = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
+  if (!doc.is_object()) return "";
+  for (const char* section : {"export", "export_info"}) {
+    if (doc.contains(section) && doc[section].is_object() && doc[section].contains("checkpoint") &&
+        doc[section]["checkpoint"].is_string()) {
+      return doc[section]["checkpoint"].get<std::string>();
+    }
+  }
+  return "";
+}
+
+}  // namespace
+
 std::string reexport_hint(const Bundle& bundle, const std::string& extra_flags) {
-  auto it = bundle.manifest.export_info.find("checkpoint");
-  const std::string ckpt = it == bundle.manifest.export_info.end() ? "CKPT_DIR" : it->second;
-  return "re-export with: esrdf-export --ckpt " + ckpt + " --out " + bundle.root + " --force" + extra_flags;
+  return reexport_command(bundle.root, bundle.manifest.exported.checkpoint, extra_flags);
 }
 
 Bundle load_bundle(const std::string& dir, bool verify) {
@@ -224,20 +252,23 @@ Bundle load_bundle(const std::string& dir, bool verify) {
     throw Error(ErrorCode::kNotFound, dir + ": not an ESRDF bundle (no manifest.json)");
   }
   Bundle bundle{dir, {}};
+  const std::string text = read_text(path);
   try {
-    bundle.manifest = parse_manifest(read_text(path));
+    bundle.manifest = parse_manifest(text);
   } catch (const Error& exc) {
-    throw Error(exc.code(), path + ": " + exc.what());
+    throw Error(exc.code(), path + ": " + exc.what() + "; " + reexport_command(dir, checkpoint_named_in(text), ""));
   }
-  std::vector<const FileEntry*> entries;
-  for (const auto& g : bundle.manifest.graphs) entries.push_back(&g);
-  for (const auto& e : bundle.manifest.engines) entries.push_back(&e);
-  for (const FileEntry* entry : entries) {
-    const std::string file = dir + "/" + entry->file;
+  std::vector<std::pair<std::string, std::string>> files;  // (file, sha256) of every listed file
+  for (const auto& g : bundle.manifest.graphs) files.emplace_back(g.file, g.sha256);
+  for (const auto& e : bundle.manifest.engines) files.emplace_back(e.file, e.sha256);
+  if (bundle.manifest.torch_weights) files.emplace_back(bundle.manifest.torch_weights->file,
+                                                        bundle.manifest.torch_weights->sha256);
+  for (const auto& [name, sha256] : files) {
+    const std::string file = dir + "/" + name;
     if (!is_file(file)) {
       throw Error(ErrorCode::kNotFound, file + ": listed in the manifest but missing; " + reexport_hint(bundle));
     }
-    if (verify && sha256_file(file) != entry->sha256) {
+    if (verify && sha256_file(file) != sha256) {
       throw Error(ErrorCode::kHashMismatch, file + ": sha256 does not match the manifest (modified or "
                                                    "corrupted); " + reexport_hint(bundle));
     }

@@ -57,8 +57,8 @@ Upscaler::Upscaler(const std::string& bundle_dir, const UpscalerOptions& options
   }
   backend_ = open_backend(bundle_, options.backend);
   const int fixed_tile = backend_->fixed_tile(), fixed_batch = backend_->fixed_batch();
-  tile_ = options.tile >= 0 ? options.tile : first_positive(fixed_tile, m.export_info_int("tile", 0), kDefaultTile);
-  batch_ = first_positive(options.batch, fixed_batch, m.export_info_int("batch", 1));
+  tile_ = options.tile >= 0 ? options.tile : first_positive(fixed_tile, m.exported.tile, kDefaultTile);
+  batch_ = first_positive(options.batch, fixed_batch, m.exported.batch);
   if (fixed_tile > 0 && tile_ != fixed_tile) {
     throw Error(ErrorCode::kInvalidArgument, "the " + backend_->name() + " backend runs " +
                                                  std::to_string(fixed_tile) + "-pixel LR tiles only; got tile=" +

@@ -30,7 +30,7 @@ esrdf::Bundle bundle_with(std::vector<esrdf::EngineEntry> engines) {
     b.manifest.graphs.push_back({role, "fp32", std::string(role) + ".onnx", std::string(role) + "-fp32-sha"});
     b.manifest.graphs.push_back({role, "fp16", std::string(role) + ".fp16.onnx", std::string(role) + "-fp16-sha"});
   }
-  b.manifest.export_info = {{"tile", "8"}, {"batch", "2"}};
+  b.manifest.exported = {"ckpt/", 8, 2};
   b.manifest.engines = std::move(engines);
   return b;
 }

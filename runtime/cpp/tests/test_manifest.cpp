@@ -24,12 +24,17 @@ std::string graph(const std::string& role, const std::string& file) {
          R"(", "inputs": [)" + inputs + R"(], "outputs": [)" + tensor(step ? "x_prev" : "coarse") + R"(], "opset": 18})";
 }
 
-std::string manifest_text(const std::string& extra = "", int version = 1) {
+std::string manifest_text(const std::string& extra = "", int version = 2) {
   return R"({"format_version": )" + std::to_string(version) + extra + R"(, "model_name": "hand", "scale": 4,
     "channels": 3, "hr_multiple_of": 4, "value_range": [-1.0, 1.0],
     "schedule": {"kind": "linear", "timesteps": 3, "alphas_cumprod": [0.9, 0.5, 0.1]},
     "graphs": [)" + graph("predictor", "predictor.onnx") + "," + graph("step", "step.onnx") + R"(],
-    "engines": [], "parity": {}, "export_info": {"tile": 8, "batch": 2, "checkpoint": "ckpt/"}, "model_config": {}})";
+    "export": {"checkpoint": "ckpt/", "tile": 8, "batch": 2}, "engines": [], "parity": {},
+    "torch_weights": null, "provenance": {"opset": 18}, "model_config": {}})";
+}
+
+std::string replaced(std::string text, const std::string& from, const std::string& to) {
+  return text.replace(text.find(from), from.size(), to);
 }
 
 void write(const fs::path& path, const std::string& text) { std::ofstream(path, std::ios::binary) << text; }
@@ -37,13 +42,14 @@ void write(const fs::path& path, const std::string& text) { std::ofstream(path, 
 void decodes_a_valid_manifest() {
   const auto m = esrdf::parse_manifest(manifest_text());
   CHECK(m.scale == 4 && m.lr_multiple_of() == 1 && m.alphas_cumprod.size() == 3);
-  CHECK(m.export_info_int("tile", 0) == 8 && m.graph("step", "fp32") != nullptr && !m.graph("step", "fp16"));
+  CHECK(m.exported.tile == 8 && m.exported.batch == 2 && m.exported.checkpoint == "ckpt/" && !m.torch_weights);
+  CHECK(m.graph("step", "fp32") != nullptr && !m.graph("step", "fp16"));
 }
 
 void refuses_malformed_manifests() {
   using esrdf::ErrorCode;
   CHECK_ERROR(esrdf::parse_manifest("{not json"), ErrorCode::kBadBundle, "not valid JSON");
-  CHECK_ERROR(esrdf::parse_manifest(manifest_text("", 2)), ErrorCode::kBadBundle, "this runtime reads version 1");
+  CHECK_ERROR(esrdf::parse_manifest(manifest_text("", 1)), ErrorCode::kBadBundle, "this runtime reads version 2");
   CHECK_ERROR(esrdf::parse_manifest(manifest_text(R"(, "surprise": 1)")), ErrorCode::kBadBundle, "surprise");
   std::string wrong_io = manifest_text();
   wrong_io.replace(wrong_io.find("\"lr\""), 4, "\"img\"");
@@ -51,6 +57,14 @@ void refuses_malformed_manifests() {
   std::string rising = manifest_text();
   rising.replace(rising.find("0.5, 0.1"), 8, "0.5, 0.7");
   CHECK_ERROR(esrdf::parse_manifest(rising), ErrorCode::kBadBundle, "non-increasing");
+  const std::string no_tile = replaced(manifest_text(), R"("tile": 8, )", "");
+  CHECK_ERROR(esrdf::parse_manifest(no_tile), ErrorCode::kBadBundle, "missing key(s) [ tile ]");
+}
+
+std::string with_torch_weights(const std::string& text) {
+  return replaced(text, R"("torch_weights": null)",
+                  std::string(R"("torch_weights": {"file": "torch/model.safetensors", "sha256": ")") + kAbcSha256 +
+                      R"("})");
 }
 
 void refuses_tampered_and_missing_files(const fs::path& dir) {
@@ -71,6 +85,22 @@ void refuses_tampered_and_missing_files(const fs::path& dir) {
   char tiny[12];  // messages are truncated, never overflow
   esrdf_open(dir.c_str(), "aoti", &handle, tiny, sizeof tiny);
   CHECK(std::string(tiny).size() == sizeof tiny - 1);
+
+  // The torch weights are hash-checked like the graphs.
+  write(dir / "step.onnx", "abc");
+  write(dir / "manifest.json", with_torch_weights(manifest_text()));
+  fs::create_directories(dir / "torch");
+  write(dir / "torch" / "model.safetensors", "abc");
+  CHECK(esrdf::load_bundle(dir.string()).manifest.torch_weights->file == "torch/model.safetensors");
+  write(dir / "torch" / "model.safetensors", "abd");
+  CHECK_ERROR(esrdf::load_bundle(dir.string()), ErrorCode::kHashMismatch, "model.safetensors: sha256 does not match");
+
+  // A version-1 bundle: one line, naming the re-export command with the checkpoint it came from.
+  write(dir / "manifest.json",
+        replaced(manifest_text("", 1), R"("export": {"checkpoint": "ckpt/")", R"("export_info": {"checkpoint": "old/ckpt")"));
+  CHECK_ERROR(esrdf::load_bundle(dir.string()), ErrorCode::kBadBundle,
+              "reads version 2; re-export with: esrdf-export --ckpt old/ckpt --out " + dir.string() + " --force");
+  write(dir / "manifest.json", manifest_text());
 
   fs::remove(dir / "step.onnx");
   CHECK_ERROR(esrdf::load_bundle(dir.string()), ErrorCode::kNotFound, "step.onnx: listed in the manifest but missing");

@@ -16,6 +16,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -62,6 +63,17 @@ struct EngineEntry : FileEntry {
   EngineKey key;
 };
 
+struct ExportSettings {  // manifest "export": how the bundle was exported (esrdf/runtime/bundle.py)
+  std::string checkpoint;  // the checkpoint directory exported; quoted in re-export hints
+  int tile = 0;            // LR tile size export measured parity at; the default tile
+  int batch = 1;           // tiles per engine call export targeted; the default batch
+};
+
+struct WeightsEntry {  // manifest "torch_weights": the eager weights in the bundle, hash-checked
+  std::string file;    // relative to the bundle root
+  std::string sha256;
+};
+
 struct Manifest {
   int format_version = 0;
   std::string model_name;
@@ -73,14 +85,15 @@ struct Manifest {
   std::vector<double> alphas_cumprod;  // float64, index 0..T-1 (paper Eq. 1-3)
   std::vector<FileEntry> graphs;
   std::vector<EngineEntry> engines;
-  std::map<std::string, std::string> export_info;  // values as text; ints printed in decimal
+  ExportSettings exported;
+  std::optional<WeightsEntry> torch_weights;  // empty: exported with --no-torch-weights
+  // "parity", "provenance" and "model_config" are checked to be present and otherwise not read.
 
   int lr_multiple_of() const;  // hr_multiple_of / gcd(hr_multiple_of, scale)
   const FileEntry* graph(const std::string& role, const std::string& precision) const;
-  int export_info_int(const std::string& key, int fallback) const;
 };
 
-constexpr int kFormatVersion = 1;
+constexpr int kFormatVersion = 2;
 
 // Parse manifest.json text; Error(kBadBundle) naming the key on any missing/mistyped/unknown field.
 Manifest parse_manifest(const std::string& json_text);
@@ -195,9 +208,9 @@ std::unique_ptr<Backend> open_backend(const Bundle& bundle, const std::string& n
 
 struct UpscalerOptions {
   std::string backend = "aoti";
-  int tile = -1;     // LR tile; -1: the backend's fixed tile, else export_info["tile"]; 0: untiled
+  int tile = -1;     // LR tile; -1: the backend's fixed tile, else the manifest's export.tile; 0: untiled
   int overlap = -1;  // LR pixels; -1: tile / 8 (as the Python Upscaler)
-  int batch = -1;    // tiles per call; -1: the backend's fixed batch, else export_info["batch"]
+  int batch = -1;    // tiles per call; -1: the backend's fixed batch, else the manifest's export.batch
   bool verify = true;
 };
 
