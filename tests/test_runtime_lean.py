@@ -1,4 +1,5 @@
-"""The onnxruntime path imports no torch (DESIGN.md section 2: a service needs numpy + one engine)."""
+"""The onnxruntime path, imported and run, loads no torch (DESIGN.md section 2: a service needs numpy + one
+engine library)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,15 @@ import esrdf.runtime
 from esrdf.runtime import Upscaler
 import esrdf.runtime.cli, esrdf.runtime.driver, esrdf.runtime.tiling, esrdf.runtime.noise
 import esrdf.engines.onnxruntime_engine, esrdf.runtime.backends
+import numpy as np
+from esrdf.config import SamplingOptions
+from esrdf.default_model import default_bundle_dir
+from esrdf.runtime.images import load_image
+# Run the onnxruntime path end to end: the shipped bundle on a crop of its sample photo, 2 steps, 2 tiles.
+photo = load_image(default_bundle_dir().parent / "sample" / "chelsea.png")
+rgb = np.ascontiguousarray(photo[100:108, 200:212])
+out = Upscaler(default_bundle_dir(), threads=1, tile=8, overlap=0)(rgb, SamplingOptions(steps=2))
+assert out.shape == (32, 48, 3) and out.dtype == np.uint8, out.shape
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in {"torch", "tensorrt", "torchvision", "onnx"})
 training = sorted(m for m in sys.modules if m.startswith(("esrdf.models", "esrdf.diffusion", "esrdf.training",
                                                           "esrdf.losses", "esrdf.export")))
@@ -20,7 +30,7 @@ print(heavy + training)
 """
 
 
-def test_runtime_and_onnxruntime_engine_leave_torch_unimported() -> None:
+def test_runtime_and_an_onnxruntime_upscale_leave_torch_unimported() -> None:
     result = subprocess.run([sys.executable, "-c", LEAN_IMPORTS], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", f"the lean runtime imported: {result.stdout.strip()}"
