@@ -34,7 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from esrdf.atomic import atomic_dir, link_or_copy
-from esrdf.runtime.bundle import MANIFEST_NAME, Bundle, BundleError, EngineEntry, load_bundle
+from esrdf.runtime.bundle import (
+    MANIFEST_NAME,
+    Bundle,
+    BundleError,
+    EngineEntry,
+    check_replaceable,
+    load_bundle,
+)
 from esrdf.runtime.graph_spec import PREDICTOR, STEP, GraphSpec, graph_spec
 
 PREDICTOR_MODEL = "esrdf_predictor"
@@ -293,16 +300,7 @@ def write_triton_repo(
     """
     bundle = load_bundle(bundle_dir)
     target = Path(out_dir).absolute()
-    _check_replaceable(target, force)
+    check_replaceable(target, force, MARKER, "an ESRDF Triton repository")
     with atomic_dir(target) as tmp:
         repo = _build(bundle, options or TritonRepoOptions(), tmp)
     return TritonRepo(target, repo.platform, repo.notes)
-
-
-def _check_replaceable(target: Path, force: bool) -> None:
-    if not target.exists():
-        return
-    if not force:
-        raise BundleError(f"{target} already exists; pass --force to replace it")
-    if not target.is_dir() or not ((target / MARKER).is_file() or not any(target.iterdir())):
-        raise BundleError(f"{target} exists and is not an ESRDF Triton repository; refusing to replace it")

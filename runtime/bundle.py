@@ -312,20 +312,22 @@ def write_bundle_atomically(
     is replaced, never an unrelated folder.
     """
     target = Path(target).absolute()
-    _check_replaceable(target, force)
+    check_replaceable(target, force)
     with atomic_dir(target) as tmp:
         result = build_fn(tmp)
         load_bundle(tmp, verify=True)  # never rename an inconsistent bundle into place
-        _check_replaceable(target, force)
+        check_replaceable(target, force)
     return result
 
 
-def _check_replaceable(target: Path, force: bool) -> None:
+def check_replaceable(
+    target: Path, force: bool, marker: str = MANIFEST_NAME, what: str = "an ESRDF bundle"
+) -> None:
+    """Refuse to write over ``target`` unless ``force``, and even then unless it is a folder this project
+    wrote (it holds ``marker``) or an empty one: never replace an unrelated folder."""
     if not target.exists():
         return
     if not force:
         raise BundleError(f"{target} already exists; pass --force to replace it")
-    if not target.is_dir() or not ((target / MANIFEST_NAME).is_file() or not any(target.iterdir())):
-        raise BundleError(
-            f"{target} exists and is not an ESRDF bundle; refusing to replace it even with --force"
-        )
+    if not target.is_dir() or not ((target / marker).is_file() or not any(target.iterdir())):
+        raise BundleError(f"{target} exists and is not {what}; refusing to replace it even with --force")
