@@ -10,7 +10,7 @@ PHOTO_PKGS := mate-backgrounds plasma-workspace-wallpapers libjxl-testdata
 CPP_PKGS := g++ cmake libpng-dev nlohmann-json3-dev libssl-dev
 CPP_BUILD ?= build/cpp
 
-.PHONY: setup photos system-deps cpp test test-all lint gpu-check demo default-model
+.PHONY: setup photos system-deps cpp test test-fast lint gpu-check cpu-bench demo default-model
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -71,8 +71,9 @@ cpp: setup system-deps
 lint: setup
 	$(BIN)/ruff check esrdf export engines runtime tests benchmarks
 	$(BIN)/ruff format --check esrdf export engines runtime tests benchmarks
-	$(BIN)/mypy esrdf export engines runtime
+	$(BIN)/mypy esrdf export engines runtime benchmarks
 
+# Everything, the slow tier included (C++ sanitizer build, training, serving, the CLIs end to end).
 test: setup system-deps lint
 	$(BIN)/pytest -q
 
