@@ -77,5 +77,13 @@ lint: setup
 test: setup system-deps lint
 	$(BIN)/pytest -q
 
+# The inner loop: every test not marked slow (3 minutes or less on 2 cores).
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow"
+
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+# The CPU benchmark behind README's results (10-14 min on the 2-core dev VM); JSON, plots, tables in out/bench/.
+cpu-bench: setup
+	$(BIN)/python -m esrdf.bench.cpu_bench
