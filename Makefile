@@ -10,7 +10,7 @@ PHOTO_PKGS := mate-backgrounds plasma-workspace-wallpapers libjxl-testdata
 CPP_PKGS := g++ cmake libpng-dev nlohmann-json3-dev libssl-dev
 CPP_BUILD ?= build/cpp
 
-.PHONY: setup photos system-deps cpp test test-all lint gpu-check demo default-model
+.PHONY: setup photos system-deps cpp test test-fast lint gpu-check cpu-bench demo default-model
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -71,10 +71,19 @@ cpp: setup system-deps
 lint: setup
 	$(BIN)/ruff check esrdf export engines runtime tests benchmarks
 	$(BIN)/ruff format --check esrdf export engines runtime tests benchmarks
-	$(BIN)/mypy esrdf export engines runtime
+	$(BIN)/mypy esrdf export engines runtime benchmarks
 
+# Everything, the slow tier included (C++ sanitizer build, training, serving, the CLIs end to end).
 test: setup system-deps lint
 	$(BIN)/pytest -q
 
+# The inner loop: every test not marked slow (3 minutes or less on 2 cores).
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow"
+
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+# The CPU benchmark behind README's results (10-14 min on the 2-core dev VM); JSON, plots, tables in out/bench/.
+cpu-bench: setup
+	$(BIN)/python -m esrdf.bench.cpu_bench

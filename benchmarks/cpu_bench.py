@@ -1,6 +1,6 @@
 """The reproducible CPU benchmark behind the README results section: one command, JSON + plots + tables.
 
-    .venv/bin/python benchmarks/cpu_bench.py    # writes out/bench/ (git-ignored); 10-14 min, 2-core VM
+    .venv/bin/python -m esrdf.bench.cpu_bench    # writes out/bench/ (git-ignored); 10-14 min, 2-core VM
 
 It builds checkpoints, exports bundles (fp32 + mixed fp16) with ``esrdf-export``'s function, and runs
 ``esrdf-bench`` (printed, so each step can be re-run alone) on three models:
@@ -31,7 +31,7 @@ BACKENDS = "eager,torch,torch-bf16,onnxruntime,onnxruntime-fp16"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "out" / "bench")
     p.add_argument("--rebuild", action="store_true", help="re-create checkpoints and re-export bundles")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny shapes, few repeats, no paper model")
@@ -40,21 +40,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # spinning thread pools (onnxruntime's, OpenMP's) slowed single calls up to 20x when another process ran.
     p.add_argument("--threads", type=int, default=1, help="threads for every backend; 0: all usable CPUs")
     return p.parse_args(argv)
-
-
-def random_checkpoint(preset_name: str, path: Path) -> Path:
-    """Seeded random weights; the predictor head re-initialised (it is zero at init) so P(lr) != bicubic."""
-    import torch
-
-    from esrdf.checkpoint import save_checkpoint
-    from esrdf.config import preset
-    from esrdf.models.build import build_predictor, build_unet
-
-    cfg = preset(preset_name)
-    torch.manual_seed(0)
-    predictor = build_predictor(cfg)
-    torch.nn.init.normal_(predictor.final_conv.weight, std=0.02)
-    return save_checkpoint(path, cfg, predictor.eval(), build_unet(cfg).eval())
 
 
 def shipped_checkpoint() -> Path | None:
@@ -94,7 +79,10 @@ def bundle_for(name: str, work: Path, tile: int, rebuild: bool) -> tuple[Path, P
         if source is not None:
             shutil.copytree(source, ckpt)
         else:
-            random_checkpoint(name, ckpt)
+            from esrdf.bench.random_model import random_checkpoint
+            from esrdf.config import preset
+
+            random_checkpoint(ckpt, preset(name))
     print(f"exporting {name} (fp32 + fp16) -> {bundle}", flush=True)
     export_bundle(ckpt, bundle, precision="both", tile=tile, batch=1, force=True, progress=False)
     return ckpt, bundle
@@ -183,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         pair = bundle_for(name, work, run.tile, args.rebuild)
         if pair is not None:
             (ran if run_bench(name, *pair, run, args.out, args.threads) else failed).append(name)
-    command = "python benchmarks/cpu_bench.py" + (" --quick" if args.quick else "")
+    command = "python -m esrdf.bench.cpu_bench" + (" --quick" if args.quick else "")
     results = gather(args.out, ran, time.monotonic() - start, command)
     print(f"\nwrote {results}; {len(ran)} model(s) benchmarked, failed: {failed or 'none'}", flush=True)
     return 1 if failed else 0

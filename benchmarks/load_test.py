@@ -1,15 +1,16 @@
 """Load test of esrdf-serve on loopback: N concurrent Triton clients, throughput and latency percentiles.
 
-    python benchmarks/load_test.py                         # starts esrdf-serve (default model) on free ports
-    python benchmarks/load_test.py --engine bundle/ --clients 8 --requests 200 --duration 120
-    python benchmarks/load_test.py --url 127.0.0.1:8000    # an already running server (loopback only)
+    python -m esrdf.bench.load_test                        # starts esrdf-serve (default model) on free ports
+    python -m esrdf.bench.load_test --engine bundle/ --clients 8 --requests 200 --duration 120
+    python -m esrdf.bench.load_test --url 127.0.0.1:8000   # an already running server (loopback only)
 
 Bounded twice: it stops after ``--requests`` requests or ``--duration`` seconds, whichever comes first,
 and every request has a client timeout. It only ever talks to loopback addresses (refuses others). Each
 client thread sends real photo crops (scikit-image's held-out photos) with its own seeds; a warm-up
 request per client is not counted. The JSON (default ``out/load_test.json``, git-ignored) holds
 throughput (requests/s, output megapixels/s), latency p50/p95/p99/mean/max in ms, errors, the tile
-model's mean executed batch (Triton's metrics: how much the dynamic batcher merged), settings, machine.
+model's mean executed batch (Triton's metrics: how much the dynamic batcher merged), settings, and the
+machine (``esrdf.bench.machine.describe_machine``, as every benchmark report has it).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import argparse
 import ipaddress
 import json
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from esrdf.bench.machine import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -192,21 +194,7 @@ def tile_batching(metrics_url: str) -> dict[str, float]:
     return {"tiles": count, "executions": execs, "mean_tiles_per_execution": count / execs if execs else 0.0}
 
 
-def machine() -> dict[str, Any]:
-    info = Path("/proc/cpuinfo")
-    lines = info.read_text().splitlines() if info.exists() else []
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor()
-    )
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default=None, help="host:port of a running server's HTTP endpoint (loopback)")
     p.add_argument("--grpc-url", default=None, help="its gRPC host:port (with --url and --protocol grpc)")
@@ -225,7 +213,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--out", type=Path, default=ROOT / "out" / "load_test.json")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     import tritonclient.http as http_client
 
@@ -248,7 +236,12 @@ def main() -> None:
         if proc is not None:
             stop_server(proc)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    report = {"load": result, "tile_batching": batching, "settings": settings, "machine": machine()}
+    report = {
+        "load": result,
+        "tile_batching": batching,
+        "settings": settings,
+        "machine": describe_machine(with_torch=False),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

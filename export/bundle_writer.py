@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -234,7 +234,28 @@ def _build_bundle(root: Path, ckpt: LoadedCheckpoint, options: ExportOptions, st
     graphs = [
         graph_entry(root, file, role, prec, cfg.predictor.in_channels) for (role, prec), file in files.items()
     ]
-    manifest = Manifest(
+    manifest = model_manifest(
+        cfg,
+        alphas_cumprod,
+        graphs=graphs,
+        export=ExportSettings(checkpoint=str(ckpt.path), tile=options.tile, batch=options.batch),
+        parity=parity,
+        torch_weights=torch_weights,
+        provenance=provenance,
+    )
+    write_manifest(root, manifest)
+
+
+def model_manifest(
+    cfg: ModelConfig,
+    alphas_cumprod: np.ndarray,
+    graphs: list[GraphEntry],
+    export: ExportSettings,
+    **rest: Any,
+) -> Manifest:
+    """The manifest of ``cfg``'s model: what every bundle of it shares, plus ``graphs``, ``export`` and
+    the optional fields in ``rest`` (parity, torch_weights, provenance, ...)."""
+    return Manifest(
         format_version=FORMAT_VERSION,
         model_name=cfg.name,
         scale=cfg.scale,
@@ -245,13 +266,10 @@ def _build_bundle(root: Path, ckpt: LoadedCheckpoint, options: ExportOptions, st
             kind=cfg.schedule.kind, timesteps=cfg.schedule.timesteps, alphas_cumprod=alphas_cumprod.tolist()
         ),
         graphs=graphs,
-        export=ExportSettings(checkpoint=str(ckpt.path), tile=options.tile, batch=options.batch),
-        parity=parity,
-        torch_weights=torch_weights,
-        provenance=provenance,
+        export=export,
         model_config=cfg.to_dict(),
+        **rest,
     )
-    write_manifest(root, manifest)
 
 
 def _write_graphs(

@@ -223,6 +223,7 @@ def ctest_run(
     return result, data, cases
 
 
+@pytest.mark.slow
 def test_ctest_suite_passes_under_sanitizers(
     ctest_run: tuple[subprocess.CompletedProcess[str], Path, Any],
 ) -> None:
@@ -235,6 +236,7 @@ def test_ctest_suite_passes_under_sanitizers(
         assert sanitizer_report not in output
 
 
+@pytest.mark.slow
 def test_noise_and_step_plans_are_bit_exact(ctest_run: tuple[Any, Path, dict[str, Any]]) -> None:
     _, data, _ = ctest_run
     results = json.loads((data / "results.json").read_text())
@@ -242,6 +244,7 @@ def test_noise_and_step_plans_are_bit_exact(ctest_run: tuple[Any, Path, dict[str
     assert all(r["bit_exact"] for r in results["plans"]), results["plans"]
 
 
+@pytest.mark.slow
 def test_cpp_upscale_matches_python_runtime(ctest_run: tuple[Any, Path, dict[str, Any]]) -> None:
     """Same photo, same seed (so the same noise field): C++ (aoti) vs Python (onnxruntime), both fp32."""
     _, data, cases = ctest_run
@@ -261,6 +264,7 @@ def test_cpp_upscale_matches_python_runtime(ctest_run: tuple[Any, Path, dict[str
         assert np.abs(cpp_u8.astype(int) - py_u8.astype(int)).max() <= 1
 
 
+@pytest.mark.slow
 def test_example_program_upscales_a_png(
     cpp_build: Path, aoti_bundle: Path, astronaut: np.ndarray, tmp_path: Path
 ) -> None:
@@ -290,6 +294,7 @@ def test_example_program_upscales_a_png(
     assert np.abs(cpp.astype(int) - py.astype(int)).max() <= 1
 
 
+@pytest.mark.slow
 def test_example_program_names_a_tampered_file(
     cpp_build: Path, aoti_bundle: Path, astronaut: np.ndarray, tmp_path: Path
 ) -> None:

@@ -56,6 +56,7 @@ def photo_folder(tmp_path: Path, training_photos: list[Path]) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_keeps_ranks_identical(photo_folder: Path, tmp_path: Path) -> None:
     script = tmp_path / "rank_main.py"
     script.write_text(RANK_SCRIPT)

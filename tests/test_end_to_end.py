@@ -19,6 +19,7 @@ import torch
 from tiny_bundle import make_tiny_checkpoint, tiny_bundle, tiny_checkpoint
 
 from esrdf.config import SamplingOptions
+from esrdf.export.parity import compare
 from esrdf.runtime.tolerances import END_TO_END_FP16, END_TO_END_FP32, FP16_GRAPH, FP32_GRAPH
 
 HR_CROP = (slice(40, 88), slice(180, 244))  # 48 x 64 HR, non-square; LR 12 x 16
@@ -91,11 +92,6 @@ def _max_abs01(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b))) / 2.0  # [-1, 1] -> [0, 1] images
 
 
-def _psnr01(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean(((a - b) / 2.0) ** 2))
-    return float("inf") if mse == 0.0 else 10.0 * np.log10(1.0 / mse)
-
-
 @pytest.mark.parametrize(
     ("backend", "sampler", "steps", "eta"),
     [
@@ -123,7 +119,7 @@ def test_fp16_end_to_end_psnr_against_fp32(setup: dict[str, Any]) -> None:
     fp16 = _runtime(setup, fields, "ddim", 10, 0.0, precision="fp16")
     assert np.mean(np.abs(fp32) < 1.0) > MIN_UNCLIPPED
     assert not np.array_equal(fp16, fp32)  # the fp16 graphs really ran
-    assert _psnr01(fp16, fp32) >= END_TO_END_FP16.min_psnr_db
+    assert compare(fp16, fp32).psnr_db >= END_TO_END_FP16.min_psnr_db
 
 
 def test_tiled_agrees_with_untiled_in_the_interior(setup: dict[str, Any], astronaut: np.ndarray) -> None:
@@ -141,8 +137,8 @@ def test_tiled_agrees_with_untiled_in_the_interior(setup: dict[str, Any], astron
     other_seed = Upscaler(setup["bundle"], tile=0).upscale_array(lr, SamplingOptions(steps=4, seed=6))
     assert tiled.shape == whole.shape == (3, 96, 128)
     inner = (slice(None), slice(32, -32), slice(32, -32))  # one overlap (8 LR = 32 HR px) in from the edge
-    assert _psnr01(tiled[inner], whole[inner]) >= 30.0
-    assert _psnr01(other_seed[inner], whole[inner]) < 15.0
+    assert compare(tiled[inner], whole[inner]).psnr_db >= 30.0
+    assert compare(other_seed[inner], whole[inner]).psnr_db < 15.0
 
 
 def test_torch_engine_refuses_fp16_on_cpu(setup: dict[str, Any]) -> None:
@@ -161,7 +157,7 @@ def test_torch_engine_on_cuda_matches_cpu_and_holds_fp16_bars(tmp_path: Path, te
     from esrdf.checkpoint import read_config
     from esrdf.diffusion.schedule import make_schedule
     from esrdf.engines.torch_engine import TorchEngine
-    from esrdf.export.parity import bar_failures, compare, make_feeds, parity_photo
+    from esrdf.export.parity import bar_failures, make_feeds, parity_photo
     from esrdf.runtime.sampling import plan_steps
 
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
@@ -188,4 +184,4 @@ def test_torch_engine_on_cuda_matches_cpu_and_holds_fp16_bars(tmp_path: Path, te
             t, coefs = np.full(2, plan.t[k], np.float32), np.repeat(plan.coefs[k : k + 1], 2, axis=0)
             x = e.step(x, coarse, e.upload(t), e.upload(coefs), e.upload(fields[k + 1]))
         final[key] = np.clip(e.download(coarse) + e.download(x), -1.0, 1.0)
-    assert _psnr01(final["fp16"], final["fp32"]) >= END_TO_END_FP16.min_psnr_db
+    assert compare(final["fp16"], final["fp32"]).psnr_db >= END_TO_END_FP16.min_psnr_db

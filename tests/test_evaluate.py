@@ -13,16 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from PIL import Image
 
 from esrdf import metrics
+from esrdf.bench.random_model import random_models
 from esrdf.checkpoint import save_checkpoint
 from esrdf.cli.evaluate import main
 from esrdf.config import SamplingOptions, preset
 from esrdf.evaluate import METHODS, SCORE_NAMES, EvalError, crop_hr, evaluate
-from esrdf.models import build_predictor, build_unet
 
 SCALE = 4
 STEP = 4  # lcm(scale 4, tiny U-Net multiple_of 4)
@@ -51,9 +50,8 @@ def lpips_available(tmp_path_factory: pytest.TempPathFactory):
 def workspace(tmp_path_factory: pytest.TempPathFactory, eval_photos: dict[str, np.ndarray]) -> Path:
     """A tiny diffusion checkpoint, a predictor-only one, and a folder: 2 real photos plus a broken file."""
     root = tmp_path_factory.mktemp("eval")
-    torch.manual_seed(0)
     cfg = preset("tiny", scale=SCALE)
-    predictor, unet = build_predictor(cfg), build_unet(cfg)
+    predictor, unet = random_models(cfg)
     save_checkpoint(root / "ckpt", cfg, predictor, unet)
     save_checkpoint(root / "predictor_only", cfg, predictor)
     data = root / "data"

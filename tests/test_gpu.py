@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from esrdf.bench.random_model import random_models
 from esrdf.config import preset
 from esrdf.diffusion.samplers import ddim_sample, unet_eps_fn
 from esrdf.diffusion.schedule import make_schedule
@@ -30,7 +31,6 @@ from esrdf.engines.cuda_graph import (
 from esrdf.engines.torch_cuda_engine import TorchCudaEngine
 from esrdf.engines.torch_engine import TorchEngine
 from esrdf.export.parity import bar_failures, compare
-from esrdf.models.build import build_predictor, build_unet
 from esrdf.runtime import driver
 from esrdf.runtime.bundle import FORMAT_VERSION, ExportSettings, Manifest, ScheduleEntry
 from esrdf.runtime.noise import noise_bits, noise_field
@@ -44,11 +44,7 @@ SEED = 20260193
 
 @pytest.fixture(scope="module")
 def modules() -> tuple[torch.nn.Module, torch.nn.Module]:
-    torch.manual_seed(0)
-    # The default zero-initialised predictor head would make coarse = bicubic; random weights exercise it.
-    predictor = build_predictor(CFG)
-    torch.nn.init.normal_(predictor.final_conv.weight, std=0.02)
-    return predictor.eval(), build_unet(CFG).eval()
+    return random_models(CFG)
 
 
 @pytest.fixture(scope="module")

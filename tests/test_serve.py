@@ -28,6 +28,9 @@ pytest.importorskip("pytriton", reason="esrdf-serve needs the serve extra: pip i
 http = pytest.importorskip("tritonclient.http", reason="needs tritonclient[http,grpc] (the serve extra)")
 grpc = pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[http,grpc] (the serve extra)")
 
+# A tritonserver subprocess per module: ~15 s of start-up and shutdown on 2 cores.
+pytestmark = pytest.mark.slow
+
 STEPS = 3
 START_TIMEOUT_S = 120.0
 

@@ -159,6 +159,7 @@ def _rss_bytes() -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="RSS is read from Linux /proc")
+@pytest.mark.slow
 def test_memory_stays_flat_over_hundreds_of_requests(
     bundle: Path, eval_photos: dict[str, np.ndarray]
 ) -> None:

@@ -235,17 +235,11 @@ def test_adding_plans_rewrites_the_bundle_atomically_and_keeps_other_engines(tmp
 @pytest.fixture(scope="module")
 def trt_bundle(tmp_path_factory) -> Path:
     """A tiny exported bundle (fp32 + fp16 graphs) with static b2/t16 and dynamic b1-4/t<=16 engines."""
-    import torch
-
-    from esrdf.checkpoint import save_checkpoint
+    from esrdf.bench.random_model import random_checkpoint
     from esrdf.export.bundle_writer import export_bundle
-    from esrdf.models.build import build_predictor, build_unet
 
-    torch.manual_seed(0)
-    predictor = build_predictor(CFG)
-    torch.nn.init.normal_(predictor.final_conv.weight, std=0.02)
     root = tmp_path_factory.mktemp("trt")
-    save_checkpoint(root / "ckpt", CFG, predictor, build_unet(CFG))
+    random_checkpoint(root / "ckpt", CFG)
     bundle = export_bundle(root / "ckpt", root / "bundle", precision="both", tile=16, batch=2, progress=False)
     build_engines_into_bundle(bundle, tile=16, batch=2, timing_cache_dir=root / "cache")
     build_engines_into_bundle(bundle, tile=16, batch=4, dynamic=True, timing_cache_dir=root / "cache")

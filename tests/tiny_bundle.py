@@ -9,9 +9,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import torch
-from torch import nn
-
+from esrdf.bench.random_model import random_models
 from esrdf.config import preset
 
 TILE = 8  # LR tile the bundle is exported (and parity-measured) at: 32 x 32 HR for the 4x tiny preset
@@ -21,25 +19,18 @@ BATCH = 2
 def make_tiny_checkpoint(path: Path, with_unet: bool = True) -> Path:
     """The ``tiny`` preset with seeded random weights, saved as a checkpoint with raw and EMA U-Nets.
 
-    The predictor's head is re-initialised (the model zero-initialises it, which would make the coarse
-    image plain bicubic) and its BatchNorm statistics moved off the identity, so every branch of the
-    predictor graph carries signal. The EMA U-Net differs from the raw one, so tests can tell which
-    weights export used.
+    The benchmarks' seeded random models (``esrdf.bench.random_model``: predictor head and BatchNorm
+    statistics moved off their initial values, so every branch of the predictor graph carries signal),
+    plus an EMA U-Net that differs from the raw one, so tests can tell which weights export used.
     """
     from esrdf.checkpoint import save_checkpoint
-    from esrdf.models import build_predictor, build_unet
+    from esrdf.models import build_unet
 
-    torch.manual_seed(0)
     cfg = preset("tiny")
-    predictor = build_predictor(cfg)
-    nn.init.normal_(predictor.final_conv.weight, std=0.02)
-    bn = predictor.bsconv.bn
-    with torch.no_grad():
-        bn.running_mean.uniform_(-0.1, 0.1)  # type: ignore[union-attr]
-        bn.running_var.uniform_(0.5, 1.5)  # type: ignore[union-attr]
-    unet = build_unet(cfg) if with_unet else None
-    unet_ema = build_unet(cfg) if with_unet else None
-    return save_checkpoint(path, cfg, predictor.eval(), unet, unet_ema)
+    predictor, unet = random_models(cfg)
+    if not with_unet:
+        return save_checkpoint(path, cfg, predictor)
+    return save_checkpoint(path, cfg, predictor, unet, build_unet(cfg))
 
 
 @functools.cache

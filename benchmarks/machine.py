@@ -135,7 +135,7 @@ def torch_description() -> dict[str, Any]:
 
 
 def git_commit(root: Path | None = None) -> str | None:
-    where = root or Path(__file__).resolve().parents[2]
+    where = root or Path(__file__).resolve().parents[1]
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         done = subprocess.run(
             ["git", "-C", str(where), "rev-parse", "--short", "HEAD"],

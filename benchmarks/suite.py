@@ -161,9 +161,13 @@ def _torch_installed() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
-def run_benchmark(options: BenchOptions, log: Log = print) -> dict[str, Any]:
-    """Run every part the options ask for; returns the JSON-ready report."""
-    bundle = _open_bundle(options.engine)
+def run_benchmark(options: BenchOptions, log: Log = print, bundle: Bundle | None = None) -> dict[str, Any]:
+    """Run every part the options ask for; returns the JSON-ready report.
+
+    ``bundle``: an already opened bundle to run instead of loading ``options.engine`` (e.g. the GPU check's
+    ``esrdf.bench.checkpoint_bundle`` view of a checkpoint).
+    """
+    bundle = bundle or _open_bundle(options.engine)
     tile = check_options(options, bundle)
     # One thread count for every backend, or torch (OMP_NUM_THREADS) and onnxruntime (physical cores) may
     # each pick their own and the comparison would measure the pools, not the code.

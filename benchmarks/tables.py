@@ -171,6 +171,18 @@ def quality_table(quality: dict[str, Any]) -> str:
     return _table(["method", "PSNR RGB", "SSIM RGB", "PSNR Y", "SSIM Y", "LPIPS", "s/photo (eager)"], body)
 
 
+def checks_table(checks: list[dict[str, Any]]) -> str:
+    """The GPU check's consistency checks: bit-exactness, or PSNR against its bar."""
+    body = []
+    for c in checks:
+        if "bit_exact" in c:
+            result = "bit-exact" if c["bit_exact"] else "NOT bit-exact"
+        else:
+            result = f"{c['psnr_db']:.2f} dB" + ("" if c["within_bar"] else " (below the bar)")
+        body.append([c["check"], str(c["batch"]), str(c["steps"]), result])
+    return _table(["check", "batch", "N", "result"], body)
+
+
 def machine_line(machine: dict[str, Any]) -> str:
     libs = machine.get("libraries", {})
     where = machine.get("gpu") or f"{machine.get('cpu_model')} ({machine.get('usable_cpus')} usable CPUs)"
