@@ -11,7 +11,7 @@ For every image (ESRDF paper Section 5 protocol, made explicit):
 2. **LR** = PIL bicubic (antialiased) downsampling of the HR crop: the same degradation as training
    (``esrdf.data.bicubic_downsample``).
 3. **Outputs.** bicubic = PIL bicubic upsampling of the LR; predictor = P(lr) (Section 4.2);
-   ESRDF = P(lr) + sampled residual (Eq. 7) with the chosen sampler, steps, eta, and a seed of
+   ESRDF = P(lr) + sampled residual (Eq. 7) with the chosen sampler, steps, eta, prior, and a seed of
    ``seed + image index`` so every image is reproducible on its own. Outputs are clamped to [-1, 1] and
    rounded to uint8, as a saved PNG would be, before anything is scored.
 4. **Scores** (``esrdf.metrics``): PSNR/SSIM as the paper (RGB, full image) and in the SR convention (Y,
@@ -38,7 +38,7 @@ from tqdm import tqdm
 from esrdf import metrics
 from esrdf.config import ModelConfig
 from esrdf.data import bicubic_downsample, list_image_files, load_rgb, to_tensor
-from esrdf.diffusion.samplers import sample_residual_sr
+from esrdf.diffusion.samplers import PRIORS, Prior, sample_residual_sr
 from esrdf.diffusion.schedule import Schedule, make_schedule
 from esrdf.fid import FidScores, fid_scores, find_inception_file
 
@@ -61,6 +61,7 @@ class EvalOptions:
     sampler: Sampler = "ddim"
     eta: float = 0.0
     seed: int = 0
+    prior: Prior = "matched"  # x_T ~ N(0, (1 - alpha_bar_T) I); "paper" is N(0, I)
     lpips: bool = True
     fid: bool = False
     side_by_side_dir: Path | None = None
@@ -102,6 +103,7 @@ class EvalReport:
     steps: int
     eta: float
     seed: int
+    prior: str
     max_size: int | None
     methods: list[str]
     conventions: dict[str, str]
@@ -216,7 +218,8 @@ class _Evaluator:
         generator = torch.Generator(device=self.device).manual_seed(seed)
         opts = self.options
         coarse, sr = sample_residual_sr(self.predictor, self.unet, self.schedule, lr_t, sampler=opts.sampler,
-                                        steps=opts.steps, eta=opts.eta, generator=generator)  # fmt: skip
+                                        steps=opts.steps, eta=opts.eta, generator=generator,
+                                        prior=opts.prior)  # fmt: skip
         return {**outputs, "predictor": to_uint8(coarse), "esrdf": to_uint8(sr)}
 
     def image(self, path: Path, name: str, index: int) -> tuple[ImageResult, dict[str, np.ndarray]]:
@@ -271,6 +274,8 @@ def check_options(options: EvalOptions, timesteps: int, step: int) -> None:
         raise EvalError(f"sampler must be 'ddim' or 'ddpm', got {options.sampler!r}")
     if not 0.0 <= options.eta <= 1.0:
         raise EvalError(f"eta must be in [0, 1], got {options.eta}")
+    if options.prior not in PRIORS:
+        raise EvalError(f"prior must be one of {PRIORS}, got {options.prior!r}")
     if options.steps is not None and not 1 <= options.steps <= timesteps:
         raise EvalError(f"steps must be in 1..{timesteps} (the schedule's T), got {options.steps}")
     if options.sampler == "ddpm" and options.steps not in (None, timesteps):
@@ -348,7 +353,8 @@ def evaluate_models(config: ModelConfig, predictor: torch.nn.Module, unet: torch
     return EvalReport(
         checkpoint=checkpoint, data=str(data_dir), model=config.name, scale=config.scale, device=str(device),
         sampler=options.sampler if unet is not None else "none", steps=steps, eta=options.eta,
-        seed=options.seed, max_size=options.max_size, methods=list(methods),
+        seed=options.seed, prior=options.prior if unet is not None else "none", max_size=options.max_size,
+        methods=list(methods),
         conventions=conventions(config.scale, size_step(config, unet is not None), options.max_size),
         images=images, means=mean_scores(images, methods), entropy_claim=entropy_claim(images),
         fid=fid_result, skipped=skipped, notes=_notes(images, options, unet is not None, fid_result),
@@ -377,14 +383,15 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def evaluate(ckpt_dir: Path, data_dir: Path, steps: int | None = None, sampler: Sampler = "ddim",
-             eta: float = 0.0, seed: int = 0, device: str | None = None, lpips: bool = True,
+             eta: float = 0.0, seed: int = 0, prior: Prior = "matched", device: str | None = None,
+             lpips: bool = True,
              fid: bool = False, side_by_side_dir: Path | None = None, max_images: int | None = None,
              max_size: int | None = DEFAULT_MAX_SIZE, progress: bool = True) -> EvalReport:  # fmt: skip
     """Load the checkpoint at ``ckpt_dir`` and evaluate it on the HR photos under ``data_dir``."""
     from esrdf.checkpoint import load_checkpoint
 
     side_dir = None if side_by_side_dir is None else Path(side_by_side_dir)
-    options = EvalOptions(steps=steps, sampler=sampler, eta=eta, seed=seed, lpips=lpips, fid=fid,
+    options = EvalOptions(steps=steps, sampler=sampler, eta=eta, seed=seed, prior=prior, lpips=lpips, fid=fid,
                           side_by_side_dir=side_dir, max_images=max_images, max_size=max_size,
                           progress=progress)  # fmt: skip
     torch_device = resolve_device(device)

@@ -37,7 +37,7 @@ def render(report: Any) -> list[Any]:
 
     title = (
         f"ESRDF evaluation: {report.model} x{report.scale}, {report.sampler} {report.steps} steps, "
-        f"eta {report.eta}, seed {report.seed}, {report.device}"
+        f"eta {report.eta}, {report.prior} prior, seed {report.seed}, {report.device}"
     )
     table = Table(title=title)
     for column in ("image", "method", "PSNR RGB", "SSIM RGB", "PSNR Y", "SSIM Y", "LPIPS", "H(res) bits"):
@@ -92,6 +92,13 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 @click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta in [0, 1].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Image i uses seed + i.")
 @click.option(
+    "--prior",
+    type=click.Choice(["matched", "paper"]),
+    default="matched",
+    show_default=True,
+    help="x_T ~ N(0, (1 - alpha_bar_T) I) (matched), or N(0, I) as the paper.",
+)
+@click.option(
     "--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the report here."
 )
 @click.option(
@@ -123,6 +130,7 @@ def main(
     sampler: str,
     eta: float,
     seed: int,
+    prior: str,
     json_out: Path | None,
     side_by_side: Path | None,
     fid: bool,
@@ -134,6 +142,7 @@ def main(
     """Compare bicubic, predictor-only and full ESRDF outputs on the HR images under --data."""
     from rich.console import Console
 
+    from esrdf.diffusion.samplers import Prior
     from esrdf.evaluate import Sampler, evaluate
 
     try:
@@ -144,6 +153,7 @@ def main(
             sampler=cast(Sampler, sampler),
             eta=eta,
             seed=seed,
+            prior=cast(Prior, prior),
             device=device,
             lpips=not no_lpips,
             fid=fid,

@@ -38,6 +38,12 @@ from torch import Tensor, nn
 
 from esrdf.diffusion.schedule import Schedule
 
+# Where x_T starts (``sample_residual_sr``): "paper" draws N(0, I), as the paper and the authors' code do;
+# "matched" draws N(0, (1 - alpha_bar_{T-1}) I), the marginal q(r_T | r_0) that training saw for a zero-mean
+# residual (DESIGN.md section 6). Both scale one unit-variance noise field, so with injected noise "matched"
+# is "paper" with field 0 multiplied by sqrt(1 - alpha_bar_{T-1}); at zero terminal SNR the two are equal.
+Prior = Literal["paper", "matched"]
+PRIORS: tuple[Prior, ...] = ("paper", "matched")
 # eps_fn(x_t, cond, t) -> eps, with t a float32 tensor [B] holding the timestep index.
 EpsFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 # progress(done, total), called after each update.
@@ -54,6 +60,15 @@ def ddim_timesteps(timesteps: int, steps: int) -> np.ndarray:
         raise ValueError(f"DDIM steps must be in 1..{timesteps} (the schedule's T), got {steps}")
     picked = np.unique(np.linspace(timesteps - 1, 0, steps).round().astype(np.int64))[::-1]
     return np.ascontiguousarray(picked)
+
+
+def prior_std(schedule: Schedule, prior: Prior) -> float:
+    """The std of x_T under ``prior``: 1 for "paper", sqrt(1 - alpha_bar_{T-1}) for "matched"."""
+    if prior == "paper":
+        return 1.0
+    if prior == "matched":
+        return float(schedule.sqrt_one_minus_alphas_cumprod[-1])
+    raise ValueError(f"unknown prior {prior!r}; expected one of {PRIORS}")
 
 
 def unet_eps_fn(unet: nn.Module | Callable[[Tensor, Tensor], Tensor]) -> EpsFn:
@@ -191,17 +206,23 @@ def sample_residual_sr(
     x_T: Tensor | None = None,
     noises: Sequence[Tensor] | None = None,
     generator: torch.Generator | None = None,
+    prior: Prior = "paper",
 ) -> tuple[Tensor, Tensor]:
     """Residual-diffusion super-resolution (paper Eq. 7, Fig. 1): returns (coarse, coarse + sampled residual).
 
-    coarse = predictor(lr); the residual is sampled conditioned on coarse from x_T (drawn from ``generator``
-    before any step noise when not given). ``steps`` defaults to T; DDPM always runs all T. The output is not
-    clipped: callers clamp to [-1, 1] when they make images.
+    coarse = predictor(lr); the residual is sampled conditioned on coarse, starting from
+    ``prior_std(schedule, prior) * x_T``. ``x_T`` is the unit-variance noise field 0 (drawn from
+    ``generator`` before any step noise when not given), so the runtime's injected fields mean the same here.
+    The default prior is the paper's N(0, I); "matched" is what the toolkit's defaults use. ``steps``
+    defaults to T; DDPM always runs all T. The output is not clipped: callers clamp to [-1, 1] for images.
     """
+    std = prior_std(schedule, prior)  # checks ``prior`` before the predictor runs
     with torch.no_grad():
         coarse = predictor(lr)
     if x_T is None:
         x_T = _randn_like(coarse, generator)
+    if std != 1.0:
+        x_T = x_T * std
     eps_fn = unet_eps_fn(unet)
     if sampler == "ddpm":
         if steps not in (None, schedule.timesteps):

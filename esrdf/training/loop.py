@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,7 +40,7 @@ from torch import Tensor, nn
 from esrdf.checkpoint import TrainingState, flatten_optimizer_state, unflatten_optimizer_state
 from esrdf.config import ConfigError
 from esrdf.data import ImageFolderDataset, StepBatchSampler
-from esrdf.training.config import TrainConfig
+from esrdf.training.config import TrainConfig, learning_rate
 from esrdf.training.distributed import DistContext, any_rank, barrier, sync_buffers
 from esrdf.training.ema import EMA
 
@@ -191,8 +192,21 @@ def _progress_bar(loop: Loop) -> Progress:
         TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
         console=Console(stderr=True),
-        disable=not (loop.progress and loop.ctx.is_main),
+        disable=not (loop.progress and loop.ctx.is_main and sys.stderr.isatty()),
     )
+
+
+# Without a terminal (a background run writing a log), one plain line every this many steps replaces the bar.
+LOG_EVERY = 25
+
+
+def _log_line(loop: Loop, step: int, smoothed: float, seconds_per_step: float) -> None:
+    if not (loop.progress and loop.ctx.is_main) or sys.stderr.isatty():
+        return
+    if step % LOG_EVERY == 0 or step == loop.cfg.steps:
+        lr = loop.optimizer.param_groups[0]["lr"]
+        print(f"{loop.cfg.kind} step {step}/{loop.cfg.steps} loss {smoothed:.5f} lr {lr:.3g} "
+              f"{seconds_per_step:.3f} s/step", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def run_loop(loop: Loop) -> TrainResult:
@@ -217,6 +231,8 @@ def run_loop(loop: Loop) -> TrainResult:
             generator = torch.Generator(ctx.device).manual_seed(step_seed(cfg.seed, step, ctx.rank, stream=2))
             with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = loop.loss_fn(lr, hr, generator)
+            for group in loop.optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step)
             loop.optimizer_step(loss)
             step += 1
             if loop.ema is not None:
@@ -229,6 +245,7 @@ def run_loop(loop: Loop) -> TrainResult:
             now = time.perf_counter()
             throughput = cfg.batch / max(now - tick, 1e-9)
             bar.update(task, advance=1, status=f"loss {smoothed:.4f}  {throughput:.1f} img/s")
+            _log_line(loop, step, smoothed, now - tick)
             tick = now
             if any_rank(stop.is_set(), ctx):
                 interrupted = True
