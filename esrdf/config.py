@@ -19,6 +19,13 @@ from typing import Any, Literal, TypeVar
 T = TypeVar("T")
 
 ScheduleKind = Literal["linear", "cosine"]
+# What the U-Net outputs (esrdf.diffusion.parameterisation): the paper's eps, v = sqrt(ab) eps -
+# sqrt(1-ab) r_0 (Salimans & Ho 2022), or r_0 itself. Every consumer converts the output to eps, so the
+# samplers and the exported step graph's (x_t, eps, noise) update are the same for all three.
+Prediction = Literal["eps", "v", "x0"]
+# Field metadata: a key added after checkpoints were written without it. A file that lacks it loads with the
+# field's default, which reproduces what those files meant; to_dict always writes it.
+ADDED_LATER = {"added_later": True}
 
 
 class ConfigError(ValueError):
@@ -80,7 +87,9 @@ def strict_from_dict(cls: type[T], data: dict[str, Any], where: str = "config") 
         raise ConfigError(f"{where}: unknown key(s) {unknown} for {cls.__name__}")
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
-    for name in fields:
+    for name, spec in fields.items():
+        if name not in data and spec.metadata.get("added_later"):
+            continue
         if name not in data:
             raise ConfigError(f"{where}: missing key {name!r} for {cls.__name__}")
         kwargs[name] = _coerce(data[name], hints[name], f"{where}.{name}")
@@ -138,6 +147,7 @@ class UNetConfig:
     dropout: float = 0.0
     norm_groups: int = 32
     train_size: int = 128
+    prediction: Prediction = field(default="eps", metadata=ADDED_LATER)  # the paper predicts eps (Eq. 6)
 
     @property
     def multiple_of(self) -> int:

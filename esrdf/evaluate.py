@@ -219,7 +219,7 @@ class _Evaluator:
         opts = self.options
         coarse, sr = sample_residual_sr(self.predictor, self.unet, self.schedule, lr_t, sampler=opts.sampler,
                                         steps=opts.steps, eta=opts.eta, generator=generator,
-                                        prior=opts.prior)  # fmt: skip
+                                        prior=opts.prior, prediction=self.config.unet.prediction)  # fmt: skip
         return {**outputs, "predictor": to_uint8(coarse), "esrdf": to_uint8(sr)}
 
     def image(self, path: Path, name: str, index: int) -> tuple[ImageResult, dict[str, np.ndarray]]:

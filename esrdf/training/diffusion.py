@@ -139,8 +139,9 @@ def _train(
         with torch.no_grad(), torch.autocast(ctx.device.type, enabled=False):
             coarse = predictor(lr)
         return diffusion_loss(
-            model, schedule, hr - coarse, coarse, loss=cfg.diffusion_loss, generator=generator
-        )
+            model, schedule, hr - coarse, coarse, loss=cfg.diffusion_loss, generator=generator,
+            prediction=model_cfg.unet.prediction,
+        )  # fmt: skip
 
     def save(step: int, state: TrainingState) -> None:
         save_checkpoint(
