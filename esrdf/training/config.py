@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from esrdf.config import ConfigError, read_json_object, strict_from_dict, to_jsonable
+from esrdf.data import ImageFolderDataset
 from esrdf.losses.entropy import EntropyLossConfig
 from esrdf.losses.total import LossConfig
 
@@ -27,7 +29,7 @@ LrSchedule = Literal["constant", "cosine"]
 
 # Fields a resumed run may change: none of them alters which samples a step reads or the update rule's
 # hyper-parameters, so "resume == uninterrupted" still holds (amp changes numerics, not the data order).
-RESUMABLE_OVERRIDES = frozenset({"steps", "save_every", "num_workers", "amp"})
+RESUMABLE_OVERRIDES = frozenset({"steps", "save_every", "num_workers", "amp", "decode_cache"})
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ class TrainConfig:
     predictor_loss: LossConfig = field(default_factory=LossConfig.paper)
     diffusion_loss: DiffusionLoss = "l1"  # diffusion only: L1 on eps as in the paper, or L2
     num_workers: int = 0  # DataLoader worker processes; 0 decodes crops in the training process
+    # Keep decoded, shrunk photos in the user cache (esrdf.data.load_rgb_cached): same arrays, faster start.
+    decode_cache: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "crop", "save_every"):
@@ -163,3 +167,16 @@ def with_feat_loss(loss: LossConfig, enabled: bool) -> LossConfig:
     if not enabled:
         return dataclasses.replace(loss, w_feat=0.0)
     return loss if loss.w_feat > 0 else dataclasses.replace(loss, w_feat=LossConfig.paper().w_feat)
+
+
+def decode_cache_dir() -> Path:
+    """Where ``decode_cache`` keeps decoded photos: ``$ESRDF_CACHE/photos`` (default ``~/.cache/esrdf``)."""
+    from esrdf.vgg import vgg_cache_dir
+
+    return vgg_cache_dir() / "photos"
+
+
+def training_dataset(data: Path | Sequence[Path], cfg: TrainConfig, scale: int) -> ImageFolderDataset:
+    """The crops of one run: its crop, seed and photo size, decoded through the cache when asked."""
+    cache = decode_cache_dir() if cfg.decode_cache else None
+    return ImageFolderDataset(data, cfg.crop, scale, seed=cfg.seed, max_side=cfg.max_side, cache_dir=cache)
