@@ -271,5 +271,9 @@ def test_train_config_round_trips_strictly_through_json(tmp_path) -> None:
         TrainConfig.from_dict(data | {"lr_decay": 0.5})
     with pytest.raises(ConfigError, match="missing key 'crop'"):
         TrainConfig.from_dict({k: v for k, v in data.items() if k != "crop"})
+    # A train.json written before these keys existed still resumes, meaning what it meant then.
+    older = {k: v for k, v in data.items() if k not in ("lr_schedule", "warmup_steps", "decode_cache")}
+    restored = TrainConfig.from_dict(older)
+    assert (restored.lr_schedule, restored.warmup_steps, restored.decode_cache) == ("constant", 0, False)
     with pytest.raises(ConfigError, match="amp"):
         TrainConfig.from_dict(data | {"amp": "fp8"})

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from esrdf.config import ConfigError, read_json_object, strict_from_dict, to_jsonable
+from esrdf.config import ADDED_LATER, ConfigError, read_json_object, strict_from_dict, to_jsonable
 from esrdf.data import ImageFolderDataset
 from esrdf.losses.entropy import EntropyLossConfig
 from esrdf.losses.total import LossConfig
@@ -43,8 +43,8 @@ class TrainConfig:
     lr: float = 1e-4
     # "cosine": linear warm-up over ``warmup_steps``, then half a cosine from ``lr`` down to 0 at ``steps``
     # (Loshchilov & Hutter 2017); the paper trains at a constant rate.
-    lr_schedule: LrSchedule = "constant"
-    warmup_steps: int = 0
+    lr_schedule: LrSchedule = field(default="constant", metadata=ADDED_LATER)
+    warmup_steps: int = field(default=0, metadata=ADDED_LATER)
     weight_decay: float = 5e-4
     betas: tuple[float, ...] = (0.9, 0.999)
     grad_clip: float | None = 1.0  # max global gradient norm; None disables clipping
@@ -59,7 +59,7 @@ class TrainConfig:
     diffusion_loss: DiffusionLoss = "l1"  # diffusion only: L1 on eps as in the paper, or L2
     num_workers: int = 0  # DataLoader worker processes; 0 decodes crops in the training process
     # Keep decoded, shrunk photos in the user cache (esrdf.data.load_rgb_cached): same arrays, faster start.
-    decode_cache: bool = False
+    decode_cache: bool = field(default=False, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "crop", "save_every"):
