@@ -69,6 +69,8 @@ def test_diffusion_run_trains_on_residuals_and_writes_both_networks(photo_folder
     assert _states_equal(loaded.unet, result.modules["unet_ema"])
     assert not _states_equal(loaded.unet, build_unet(TINY))
     assert load_training_state(out).meta["step"] == 4
+    log = (tmp_path / "diff.log").read_text().splitlines()  # beside the checkpoint, kept across saves
+    assert len(log) == 1 and "diffusion step 4/4 loss" in log[0]
 
 
 def _interrupt_after_first_save(out: Path) -> threading.Thread:

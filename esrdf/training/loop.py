@@ -196,17 +196,29 @@ def _progress_bar(loop: Loop) -> Progress:
     )
 
 
-# Without a terminal (a background run writing a log), one plain line every this many steps replaces the bar.
+# Every this many steps one plain progress line goes to the run's log file (``progress_log_path``) and,
+# without a terminal (a background run), to stderr in place of the bar.
 LOG_EVERY = 25
 
 
+def progress_log_path(out_dir: Path) -> Path:
+    """``OUT.log`` beside the checkpoint directory ``OUT``: the checkpoint is replaced whole at each save,
+    so a log inside it would not survive; this one is appended to across resumes."""
+    return out_dir.parent / f"{out_dir.name}.log"
+
+
 def _log_line(loop: Loop, step: int, smoothed: float, seconds_per_step: float) -> None:
-    if not (loop.progress and loop.ctx.is_main) or sys.stderr.isatty():
+    if not loop.ctx.is_main or not (step % LOG_EVERY == 0 or step == loop.cfg.steps):
         return
-    if step % LOG_EVERY == 0 or step == loop.cfg.steps:
-        lr = loop.optimizer.param_groups[0]["lr"]
-        print(f"{loop.cfg.kind} step {step}/{loop.cfg.steps} loss {smoothed:.5f} lr {lr:.3g} "
-              f"{seconds_per_step:.3f} s/step", file=sys.stderr, flush=True)  # fmt: skip
+    lr = loop.optimizer.param_groups[0]["lr"]
+    line = (f"{time.strftime('%Y-%m-%d %H:%M:%S')} {loop.cfg.kind} step {step}/{loop.cfg.steps} "
+            f"loss {smoothed:.5f} lr {lr:.3g} {seconds_per_step:.3f} s/step")  # fmt: skip
+    path = progress_log_path(loop.out_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as log:
+        log.write(line + "\n")
+    if loop.progress and not sys.stderr.isatty():
+        print(line, file=sys.stderr, flush=True)
 
 
 def run_loop(loop: Loop) -> TrainResult:
