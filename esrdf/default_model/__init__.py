@@ -9,14 +9,38 @@ Import-light: the standard library only, so the runtime can import it without to
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
-__all__ = ["RECOMMENDED_ETA", "default_bundle_dir", "default_checkpoint_dir"]
+__all__ = [
+    "RECOMMENDED_ETA",
+    "RECOMMENDED_SAMPLING",
+    "Sampling",
+    "default_bundle_dir",
+    "default_checkpoint_dir",
+]
 
-# The DDIM eta of the measured quality in MODEL_CARD.md; esrdf-run uses it when given neither --engine nor
-# --eta. With eta = 0 this short-trained U-Net leaves visible noise (measured: see the model card).
-RECOMMENDED_ETA = 1.0
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample the default model: the names of the toolkit's sampling options (esrdf-eval, esrdf-run).
+
+    ``prior`` "matched" starts x_T at N(0, (1 - alpha_bar_T) I), "paper" at N(0, I).
+    """
+
+    sampler: Literal["ddim", "ddpm"]
+    steps: int
+    eta: float
+    prior: Literal["matched", "paper"]
+
+
+# Chosen by the sweep of steps, eta and prior on the held-out photos in MODEL_CARD.md; the bundle's sampling
+# defaults are these.
+RECOMMENDED_SAMPLING = Sampling(sampler="ddim", steps=20, eta=1.0, prior="matched")
+# esrdf-run uses it when given neither --engine nor --eta.
+RECOMMENDED_ETA = RECOMMENDED_SAMPLING.eta
 
 
 def _shipped_dir(name: str) -> Path:
