@@ -14,11 +14,15 @@ It is the GPU path where TensorRT is missing, and what ``esrdf.engines.cuda_grap
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from esrdf.engines.torch_engine import TorchEngine
+
+if TYPE_CHECKING:
+    from esrdf.config import ModelConfig
 
 # Layers whose fp16 weight autocast would produce anyway (autocast's fp16 op list: conv, linear, matmul).
 _HALF_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)
@@ -43,11 +47,12 @@ class TorchCudaEngine(TorchEngine):
         unet: nn.Module,
         device: str | torch.device = "cuda",
         precision: str = "fp16",
+        config: ModelConfig | None = None,
     ) -> None:
         if precision == "fp16":
             # TorchEngine moves the modules it is given in place; never halve a caller's fp32 modules.
             predictor, unet = copy.deepcopy(predictor), copy.deepcopy(unet)
-        super().__init__(predictor, unet, device=device, precision=precision)
+        super().__init__(predictor, unet, device=device, precision=precision, config=config)
         if precision == "fp16":
             cast_matmul_weights_to_half(self._predictor)
             cast_matmul_weights_to_half(self._step)

@@ -34,6 +34,7 @@ from esrdf.runtime.engine import BatchSamplerFactory, EngineError
 from esrdf.runtime.graph_spec import NUM_STEP_COEFS
 
 if TYPE_CHECKING:
+    from esrdf.config import ModelConfig
     from esrdf.runtime.bundle import Bundle
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16}
@@ -74,13 +75,15 @@ class TorchEngine:
         unet: nn.Module,
         device: str | torch.device = "cpu",
         precision: str = "fp32",
+        config: ModelConfig | None = None,
     ) -> None:
         self.device = _device(device)
         self.precision = precision
         dtype = _compute_dtype(precision, self.device)
         # Weights stay fp32 (autocast casts per op), so fp32 and fp16 engines can share one checkpoint.
         self._predictor = PredictorModule(predictor.float(), dtype).to(self.device).eval()
-        self._step = StepModule(unet.float(), dtype).to(self.device).eval()
+        # ``config`` says what the U-Net predicts (v and x0 are converted to eps in the step); None: eps.
+        self._step = StepModule.for_model(unet.float(), config, dtype).to(self.device).eval()
 
     @classmethod
     def from_checkpoint(
@@ -94,7 +97,7 @@ class TorchEngine:
             raise EngineError(
                 f"{ckpt_dir}: a predictor-only checkpoint; the torch engine needs the U-Net too"
             )
-        return cls(ckpt.predictor, ckpt.unet, device=device, precision=precision)
+        return cls(ckpt.predictor, ckpt.unet, device=device, precision=precision, config=ckpt.config)
 
     @classmethod
     def from_bundle(

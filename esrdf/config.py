@@ -21,6 +21,13 @@ from typing import Any, Literal, TypeVar
 T = TypeVar("T")
 
 ScheduleKind = Literal["linear", "cosine"]
+# What the U-Net outputs (esrdf.diffusion.parameterisation): the paper's eps, v = sqrt(ab) eps -
+# sqrt(1-ab) r_0 (Salimans & Ho 2022), or r_0 itself. Every consumer converts the output to eps, so the
+# samplers and the exported step graph's (x_t, eps, noise) update are the same for all three.
+Prediction = Literal["eps", "v", "x0"]
+# Field metadata: a key added after checkpoints were written without it. A file that lacks it loads with the
+# field's default, which reproduces what those files meant; to_dict always writes it.
+ADDED_LATER = {"added_later": True}
 
 
 class ConfigError(ValueError):
@@ -82,7 +89,9 @@ def strict_from_dict(cls: type[T], data: dict[str, Any], where: str = "config") 
         raise ConfigError(f"{where}: unknown key(s) {unknown} for {cls.__name__}")
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
-    for name in fields:
+    for name, spec in fields.items():
+        if name not in data and spec.metadata.get("added_later"):
+            continue
         if name not in data:
             raise ConfigError(f"{where}: missing key {name!r} for {cls.__name__}")
         kwargs[name] = _coerce(data[name], hints[name], f"{where}.{name}")
@@ -140,6 +149,7 @@ class UNetConfig:
     dropout: float = 0.0
     norm_groups: int = 32
     train_size: int = 128
+    prediction: Prediction = field(default="eps", metadata=ADDED_LATER)  # the paper predicts eps (Eq. 6)
 
     @property
     def multiple_of(self) -> int:
@@ -237,6 +247,13 @@ DEFAULT_SAMPLER = "ddim"
 DEFAULT_STEPS = 50  # DDIM steps when nothing else says, at most the schedule's T (DDPM always runs all T)
 DEFAULT_ETA = 0.0
 DEFAULT_SEED = 0
+# Where x_T starts: "paper" draws N(0, I), as the paper and the authors' code do; "matched" draws
+# N(0, (1 - alpha_bar_{T-1}) I), the marginal q(r_T | r_0) that training saw for a zero-mean residual
+# (DESIGN.md section 6). Both scale one unit-variance noise field, so with injected noise "matched" is
+# "paper" with field 0 multiplied by sqrt(1 - alpha_bar_{T-1}); at zero terminal SNR the two are equal.
+Prior = Literal["paper", "matched"]
+PRIORS: tuple[str, ...] = typing.get_args(Prior)
+DEFAULT_PRIOR = "matched"
 
 
 @dataclass(frozen=True)
@@ -247,20 +264,21 @@ class ResolvedSampling:
     steps: int
     eta: float
     seed: int
+    prior: str = DEFAULT_PRIOR
 
     @property
-    def plan_key(self) -> tuple[str, int, float]:
-        """What the per-step coefficients depend on (the seed only picks the noise)."""
-        return self.sampler, self.steps, self.eta
+    def plan_key(self) -> tuple[str, int, float, str]:
+        """What the step plan depends on: coefficients and x_T's scale (the seed only picks the noise)."""
+        return self.sampler, self.steps, self.eta, self.prior
 
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """How to sample one request: sampler ("ddim" | "ddpm"), steps, DDIM eta, seed.
+    """How to sample one request: sampler ("ddim" | "ddpm"), steps, DDIM eta, seed, x_T prior.
 
     ``None`` means "not given". ``resolve`` is the one place that fills what is not given: first from
     ``defaults`` (e.g. what a model is known to need), then by the built-in rule (DDIM, ``DEFAULT_STEPS``
-    capped at T, eta 0, seed 0; DDPM runs all T). Values are checked where they are used (the step plan), so
+    capped at T, eta 0, seed 0, the matched prior; DDPM runs all T). Values are checked where they are used (the step plan), so
     a bad one gets the sampler's own message. Frozen and hashable: requests can be grouped by it.
     """
 
@@ -268,6 +286,7 @@ class SamplingOptions:
     steps: int | None = None
     eta: float | None = None
     seed: int | None = None
+    prior: str | None = None
 
     def or_defaults(self, defaults: SamplingOptions | None) -> SamplingOptions:
         """These options, with each field not given here taken from ``defaults``."""
@@ -284,4 +303,5 @@ class SamplingOptions:
         if steps is None:
             steps = timesteps if sampler == "ddpm" else min(DEFAULT_STEPS, timesteps)
         eta = DEFAULT_ETA if o.eta is None else float(o.eta)
-        return ResolvedSampling(sampler, steps, eta, DEFAULT_SEED if o.seed is None else o.seed)
+        seed = DEFAULT_SEED if o.seed is None else o.seed
+        return ResolvedSampling(sampler, steps, eta, seed, DEFAULT_PRIOR if o.prior is None else o.prior)

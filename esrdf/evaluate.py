@@ -11,7 +11,7 @@ For every image (ESRDF paper Section 5 protocol, made explicit):
 2. **LR** = PIL bicubic (antialiased) downsampling of the HR crop: the same degradation as training
    (``esrdf.data.bicubic_downsample``).
 3. **Outputs.** bicubic = PIL bicubic upsampling of the LR; predictor = P(lr) (Section 4.2);
-   ESRDF = P(lr) + sampled residual (Eq. 7) with the chosen sampler, steps, eta, and a seed of
+   ESRDF = P(lr) + sampled residual (Eq. 7) with the chosen sampler, steps, eta, prior, and a seed of
    ``seed + image index`` so every image is reproducible on its own. Outputs are clamped to [-1, 1] and
    rounded to uint8, as a saved PNG would be, before anything is scored.
 4. **Scores** (``esrdf.metrics``): PSNR/SSIM as the paper (RGB, full image) and in the SR convention (Y,
@@ -36,7 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from esrdf import metrics
-from esrdf.config import SAMPLERS, ModelConfig, ResolvedSampling, Sampler, SamplingOptions
+from esrdf.config import PRIORS, SAMPLERS, ModelConfig, Prior, ResolvedSampling, Sampler, SamplingOptions
 from esrdf.data import bicubic_downsample, list_image_files, load_rgb, to_tensor
 from esrdf.diffusion.samplers import sample_residual_sr
 from esrdf.diffusion.schedule import Schedule, make_schedule
@@ -99,6 +99,7 @@ class EvalReport:
     steps: int
     eta: float
     seed: int
+    prior: str
     max_size: int | None
     methods: list[str]
     conventions: dict[str, str]
@@ -214,7 +215,9 @@ class _Evaluator:
         s = sampling_for(self.options, self.schedule.timesteps)
         sampler = cast(Sampler, s.sampler)  # checked by check_options
         coarse, sr = sample_residual_sr(self.predictor, self.unet, self.schedule, lr_t, sampler=sampler,
-                                        steps=s.steps, eta=s.eta, generator=generator)  # fmt: skip
+                                        steps=s.steps, eta=s.eta, generator=generator,
+                                        prior=cast(Prior, s.prior),
+                                        prediction=self.config.unet.prediction)  # fmt: skip
         return {**outputs, "predictor": to_uint8(coarse), "esrdf": to_uint8(sr)}
 
     def image(self, path: Path, name: str, index: int) -> tuple[ImageResult, dict[str, np.ndarray]]:
@@ -277,6 +280,8 @@ def check_options(options: EvalOptions, timesteps: int, step: int) -> None:
         raise EvalError(f"sampler must be 'ddim' or 'ddpm', got {s.sampler!r}")
     if not 0.0 <= s.eta <= 1.0:
         raise EvalError(f"eta must be in [0, 1], got {s.eta}")
+    if s.prior not in PRIORS:
+        raise EvalError(f"prior must be one of {PRIORS}, got {s.prior!r}")
     if not 1 <= s.steps <= timesteps:
         raise EvalError(f"steps must be in 1..{timesteps} (the schedule's T), got {s.steps}")
     if s.sampler == "ddpm" and s.steps != timesteps:
@@ -352,7 +357,8 @@ def evaluate_models(config: ModelConfig, predictor: torch.nn.Module, unet: torch
     return EvalReport(
         checkpoint=checkpoint, data=str(data_dir), model=config.name, scale=config.scale, device=str(device),
         sampler=s.sampler if unet is not None else "none", steps=s.steps if unet is not None else 0,
-        eta=s.eta, seed=s.seed, max_size=options.max_size, methods=list(methods),
+        eta=s.eta, seed=s.seed, prior=s.prior if unet is not None else "none", max_size=options.max_size,
+        methods=list(methods),
         conventions=conventions(config.scale, size_step(config, unet is not None), options.max_size),
         images=images, means=mean_scores(images, methods), entropy_claim=entropy_claim(images),
         fid=fid_result, skipped=skipped, notes=_notes(images, options, unet is not None, fid_result),

@@ -99,7 +99,10 @@ def add_aoti_packages(
         )
     ckpt = load_checkpoint((bundle.root / weights).parent)
     assert ckpt.unet is not None  # export_bundle writes torch/ only with a U-Net
-    modules = {PREDICTOR: PredictorModule(ckpt.predictor).eval(), STEP: StepModule(ckpt.unet).eval()}
+    modules = {
+        PREDICTOR: PredictorModule(ckpt.predictor).eval(),
+        STEP: StepModule.for_model(ckpt.unet, ckpt.config).eval(),
+    }
     manifest = bundle.manifest
     target = bundle.root / AOTI_DIR
     with atomic_dir(target) as tmp:

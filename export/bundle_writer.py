@@ -213,7 +213,7 @@ def _build_bundle(root: Path, ckpt: LoadedCheckpoint, options: ExportOptions, st
     cfg = ckpt.config
     modules: dict[str, nn.Module] = {
         PREDICTOR: PredictorModule(ckpt.predictor).eval(),
-        STEP: StepModule(ckpt.unet).eval(),
+        STEP: StepModule.for_model(ckpt.unet, cfg).eval(),
     }
     files = _write_graphs(root, cfg, modules, options, stages)
     alphas_cumprod = np.asarray(make_schedule(cfg.schedule).alphas_cumprod, dtype=np.float64)

@@ -16,6 +16,7 @@ from esrdf.data import (
     StepBatchSampler,
     bicubic_downsample,
     load_rgb,
+    load_rgb_cached,
     offline_training_photos,
     to_tensor,
 )
@@ -53,6 +54,28 @@ def test_pairs_have_lr_hr_shapes_range_and_bicubic_relation(photo_dir: Path) -> 
     assert not torch.equal(ds[12][1], hr)
     other_seed = ImageFolderDataset(photo_dir, crop=64, scale=4, seed=4)
     assert not torch.equal(other_seed[11][1], hr)
+
+
+def test_decode_cache_gives_the_same_arrays_and_follows_changes(photo_dir: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    plain = ImageFolderDataset(photo_dir, crop=64, scale=4, seed=3, max_side=200)
+    cold = ImageFolderDataset(photo_dir, crop=64, scale=4, seed=3, max_side=200, cache_dir=cache)
+    entries = sorted(cache.glob("*.npy"))
+    assert len(entries) == 3 and not list(cache.glob(".*"))  # one per photo, no temporary left
+    warm = ImageFolderDataset(photo_dir, crop=64, scale=4, seed=3, max_side=200, cache_dir=cache)
+    for a, b, c in zip(plain.images, cold.images, warm.images, strict=True):
+        assert np.array_equal(a, b) and np.array_equal(a, c) and max(a.shape[:2]) == 200
+    assert torch.equal(plain[5][1], warm[5][1])
+    photo = photo_dir / "photo0.png"
+    # The cache is read, not re-decoded: a planted entry is what comes back ...
+    marker = np.zeros((70, 80, 3), np.uint8)
+    key = next(e for e in entries if np.array_equal(np.load(e), plain.images[0]))
+    np.save(key, marker)
+    assert np.array_equal(load_rgb_cached(photo, 200, cache), marker)
+    # ... until the photo changes (size or mtime), or another max_side is asked for.
+    assert load_rgb_cached(photo, 100, cache).shape[:2] != marker.shape[:2]
+    Image.fromarray(load_rgb(photo)[::-1]).save(photo)
+    assert np.array_equal(load_rgb_cached(photo, 200, cache), load_rgb(photo, 200))
 
 
 def test_flips_cover_all_four_orientations(photo_dir: Path) -> None:

@@ -121,6 +121,16 @@ def test_seed_makes_esrdf_reproducible(workspace):
     assert first.images[0].scores["predictor"] == other.images[0].scores["predictor"]
 
 
+def test_prior_option_changes_only_esrdf_and_is_recorded(workspace):
+    matched = _run(workspace, lpips=False, max_images=1)
+    paper = _run(workspace, lpips=False, max_images=1, prior="paper")
+    assert (matched.prior, paper.prior) == ("matched", "paper")  # matched is the default
+    assert matched.images[0].scores["predictor"] == paper.images[0].scores["predictor"]
+    assert matched.images[0].scores["esrdf"] != paper.images[0].scores["esrdf"]
+    with pytest.raises(EvalError, match="prior must be one of"):
+        _run(workspace, lpips=False, prior="uniform")
+
+
 def test_max_size_centre_crops_and_says_so(workspace, eval_photos):
     report = _run(workspace, lpips=False, max_size=32, max_images=1)
     (row,) = report.images
@@ -164,6 +174,9 @@ def test_cli_prints_a_table_and_writes_json(workspace, tmp_path):
     assert "PSNR RGB" in result.output and "mean of 2" in result.output and "esrdf" in result.output
     report = json.loads(out.read_text())
     assert report["steps"] == 2 and report["max_size"] == 64 and len(report["images"]) == 2
+    assert report["prior"] == "matched" and "matched prior" in result.output
+    paper = CliRunner().invoke(main, [*args, "--prior", "paper", "--max-images", "1"])
+    assert paper.exit_code == 0 and "paper prior" in paper.output, paper.output
 
 
 def test_cli_bad_input_is_one_line_and_nonzero(workspace):

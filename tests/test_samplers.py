@@ -24,6 +24,7 @@ from esrdf.diffusion.samplers import (
     ddim_sample,
     ddim_timesteps,
     ddpm_sample,
+    prior_std,
     sample_residual_sr,
     unet_eps_fn,
 )
@@ -36,6 +37,7 @@ SCHEDULES = {
     "cosine": ScheduleConfig(kind="cosine", timesteps=100),
 }
 GAUSS_STD = 0.5
+RESIDUAL_STD = 0.05  # about the std of a trained predictor's residual on photos
 
 
 def _crops(photos: list[np.ndarray], size: int) -> torch.Tensor:
@@ -85,25 +87,42 @@ def gaussian_eps(schedule: Schedule, std: float = GAUSS_STD) -> EpsFn:
     return eps_fn
 
 
-def gaussian_ddpm_moments(schedule: Schedule, std: float = GAUSS_STD) -> tuple[float, float]:
-    """Exact (gain on mu, output std) of ancestral sampling from x_T ~ N(0, 1) with the Gaussian eps.
+def gaussian_moments(
+    schedule: Schedule,
+    std: float = GAUSS_STD,
+    x_T_std: float = 1.0,
+    steps: int | None = None,
+    eta: float = 1.0,
+) -> tuple[float, float]:
+    """Exact (gain on mu, output std) of DDIM (eta; all T steps by default) from x_T ~ N(0, x_T_std^2),
+    with the Gaussian eps; eta = 1 over all steps is ancestral DDPM.
 
-    Derived independently of the sampler code, as DDIM with eta = 1: each update is
-    x_prev = A x + B mu + sigma z, so x = K x_T + M mu + N(0, V) throughout.
+    Derived independently of the sampler code: each update is x_prev = A x + B mu + sigma z, so
+    x = K x_T + M mu + N(0, V) throughout.
     """
     k, m, v = 1.0, 0.0, 0.0
     ac = schedule.alphas_cumprod
-    for t in range(schedule.timesteps - 1, -1, -1):
-        ab, ab_prev = ac[t], (ac[t - 1] if t > 0 else 1.0)
+    ts = (
+        list(range(schedule.timesteps - 1, -1, -1))
+        if steps is None
+        else ddim_timesteps(len(ac), steps).tolist()
+    )
+    for i, t in enumerate(ts):
+        ab, ab_prev = ac[t], (ac[ts[i + 1]] if i + 1 < len(ts) else 1.0)
         c = math.sqrt(1 - ab) / (ab * std**2 + 1 - ab)  # eps = c (x - sqrt(ab) mu)
         # x0_hat = g x + h mu; the sampler's convention at SNR 0 is x0_hat = 0.
         g, h = ((1 - math.sqrt(1 - ab) * c) / math.sqrt(ab), math.sqrt(1 - ab) * c) if ab > 0 else (0.0, 0.0)
-        sigma2 = (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
+        sigma2 = eta**2 * (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
         direction = math.sqrt(max(0.0, 1 - ab_prev - sigma2))
         a_x = math.sqrt(ab_prev) * g + direction * c
         b_mu = math.sqrt(ab_prev) * h - direction * c * math.sqrt(ab)
         k, m, v = a_x * k, a_x * m + b_mu, a_x**2 * v + sigma2
-    return m, math.sqrt(k**2 + v)
+    return m, math.sqrt((k * x_T_std) ** 2 + v)
+
+
+def gaussian_ddpm_moments(schedule: Schedule, std: float = GAUSS_STD) -> tuple[float, float]:
+    """(gain on mu, output std) of ancestral sampling from x_T ~ N(0, 1): :func:`gaussian_moments`."""
+    return gaussian_moments(schedule, std)
 
 
 def _noises(count: int, like: torch.Tensor, seed: int) -> list[torch.Tensor]:
@@ -308,6 +327,17 @@ class ResidualOracle(torch.nn.Module):
         return point_mass_eps(self.schedule)(x_t, self.hr - cond, t)
 
 
+class GaussianResidualUNet(torch.nn.Module):
+    """A U-Net-shaped exact denoiser for residuals that are N(cond / 2, std^2) per pixel."""
+
+    def __init__(self, schedule: Schedule, std: float = GAUSS_STD) -> None:
+        super().__init__()
+        self.eps_fn = gaussian_eps(schedule, std)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.eps_fn(x[:, 3:], x[:, :3], t)
+
+
 @pytest.mark.parametrize(
     ("sampler", "steps", "eta"), [("ddim", 8, 0.0), ("ddim", 25, 0.5), ("ddpm", None, 0.0)]
 )
@@ -353,3 +383,63 @@ def test_unet_eps_fn_feeds_cond_first_to_the_real_unet(faces: torch.Tensor) -> N
         eps = unet_eps_fn(unet)(x_t, faces, t)
         torch.testing.assert_close(eps, unet(torch.cat([faces, x_t], 1), t), atol=0, rtol=0)
         assert not torch.allclose(eps, unet(torch.cat([x_t, faces], 1), t), atol=1e-4)
+
+
+# ---- the x_T prior ------------------------------------------------------------------------------------
+
+
+def test_prior_std_golden() -> None:
+    sched = make_schedule(PAPER)
+    assert prior_std(sched, "paper") == 1.0
+    # sqrt(1 - 0.36660918337993165): the marginal std of r_T that training sees for a zero-mean residual.
+    assert prior_std(sched, "matched") == pytest.approx(0.7958585, abs=1e-7)
+    assert prior_std(make_schedule(SCHEDULES["paper_zero_snr"]), "matched") == 1.0  # the priors agree there
+    with pytest.raises(ValueError, match="unknown prior"):
+        prior_std(sched, "uniform")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("sampler", "steps", "eta"), [("ddim", 9, 0.0), ("ddim", 6, 0.6), ("ddpm", None, 1.0)]
+)
+def test_matched_prior_is_paper_prior_with_field_zero_scaled(
+    faces: torch.Tensor, sampler: str, steps: int | None, eta: float
+) -> None:
+    """The injected-noise contract the runtime shares: only noise field 0 (x_T) changes, by prior_std."""
+    sched = make_schedule(PAPER)
+    hr = faces
+    lr = F.avg_pool2d(hr, 4)
+    predictor = torch.nn.Upsample(scale_factor=4, mode="bicubic", align_corners=False)
+    unet = GaussianResidualUNet(sched)
+    x_T = _x_T(hr)
+    noises = _noises(sched.timesteps if steps is None else steps, hr, seed=5)
+    common = {"sampler": sampler, "steps": steps, "eta": eta, "noises": noises}
+    _, matched = sample_residual_sr(predictor, unet, sched, lr, x_T=x_T, prior="matched", **common)  # type: ignore[arg-type]
+    scaled = x_T * prior_std(sched, "matched")
+    _, paper = sample_residual_sr(predictor, unet, sched, lr, x_T=scaled, prior="paper", **common)  # type: ignore[arg-type]
+    torch.testing.assert_close(matched, paper, atol=0, rtol=0)
+    _, unscaled = sample_residual_sr(predictor, unet, sched, lr, x_T=x_T, **common)  # type: ignore[arg-type]
+    assert (unscaled - matched).abs().mean() > 1e-3  # the default is the paper's N(0, I), and it matters
+
+
+def test_matched_prior_gives_deterministic_ddim_the_data_spread(photo_batch: torch.Tensor) -> None:
+    """Residual-like data (std 0.05) on the paper schedule, DDIM eta 0 over all T steps (the probability-flow
+    ODE), exact eps: from N(0, I) the samples are ~1.2x too spread (the leftover x_T noise); from the matched
+    prior they have about the data's std. The moment recursion predicts both and the samples match it. (With
+    fewer steps the discretised ODE under-disperses whatever the prior: 0.033 at 20 steps from matched.)"""
+    sched = make_schedule(PAPER)
+    hr = photo_batch
+    lr = F.avg_pool2d(hr, 4)
+    predictor = torch.nn.Upsample(scale_factor=4, mode="bicubic", align_corners=False)
+    unet = GaussianResidualUNet(sched, std=RESIDUAL_STD)
+    spreads = {}
+    for prior in ("paper", "matched"):
+        _, expected = gaussian_moments(sched, RESIDUAL_STD, prior_std(sched, prior), steps=200, eta=0.0)
+        coarse, out = sample_residual_sr(predictor, unet, sched, lr, steps=200, eta=0.0, prior=prior,
+                                         generator=torch.Generator().manual_seed(11))  # fmt: skip
+        mu = coarse.double().flatten() / 2  # the residual data is N(cond / 2, std^2) per pixel
+        x = (out - coarse).double().flatten()
+        spread = (x - mu).std().item()
+        assert spread == pytest.approx(expected, rel=0.02)
+        spreads[prior] = spread
+    assert spreads["matched"] == pytest.approx(RESIDUAL_STD, rel=0.05)
+    assert spreads["paper"] / RESIDUAL_STD == pytest.approx(1.21, abs=0.03)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from esrdf.checkpoint import load_checkpoint, load_training_state, save_checkpoint
 from esrdf.cli.train import main
-from esrdf.config import preset
+from esrdf.config import ConfigError, preset
 from esrdf.data import bicubic_downsample, load_rgb, to_tensor
 from esrdf.losses.total import PredictorLoss
 from esrdf.models.build import build_predictor, build_unet, count_parameters
@@ -69,6 +69,8 @@ def test_diffusion_run_trains_on_residuals_and_writes_both_networks(photo_folder
     assert _states_equal(loaded.unet, result.modules["unet_ema"])
     assert not _states_equal(loaded.unet, build_unet(TINY))
     assert load_training_state(out).meta["step"] == 4
+    log = (tmp_path / "diff.log").read_text().splitlines()  # beside the checkpoint, kept across saves
+    assert len(log) == 1 and "diffusion step 4/4 loss" in log[0]
 
 
 def _interrupt_after_first_save(out: Path) -> threading.Thread:
@@ -157,6 +159,25 @@ def test_predictor_resume_equals_uninterrupted_run(photo_folder, tmp_path):
     assert _states_equal(rest.modules["predictor"], full.modules["predictor"])
 
 
+def test_cosine_schedule_resumes_exactly_and_ties_steps(photo_folder, tmp_path):
+    """The rate is a function of the step, so a stopped cosine run resumes on its schedule; its length is
+    part of the schedule, so resuming with other ``steps`` is refused."""
+    cfg = train_preset("tiny", "predictor").replace(
+        steps=6, batch=4, crop=32, save_every=2, lr_schedule="cosine", warmup_steps=2
+    )
+    full = train_predictor(photo_folder, tmp_path / "full", TINY, cfg, progress=False)
+    part = tmp_path / "part"
+    watcher = _interrupt_after_first_save(part)
+    stopped = train_predictor(photo_folder, part, TINY, cfg, progress=False)
+    watcher.join()
+    assert stopped.interrupted and 2 <= stopped.step < 6
+    with pytest.raises(ConfigError, match="tied to steps"):
+        train_predictor(photo_folder, part, TINY, cfg.replace(steps=8), resume=True, progress=False)
+    rest = train_predictor(photo_folder, part, TINY, cfg, resume=True, progress=False)
+    assert rest.losses == full.losses[stopped.step :]
+    assert _states_equal(rest.modules["predictor"], full.modules["predictor"])
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 
@@ -227,6 +248,19 @@ def test_cli_trains_diffusion_and_refuses_to_change_the_data_order_on_resume(
     assert json.loads(resumed.stdout)["step"] == 3
 
 
+def test_learning_rate_schedule_golden() -> None:
+    from esrdf.training.config import learning_rate
+
+    cfg = train_preset("tiny", "predictor").replace(steps=110, lr=1e-3, lr_schedule="cosine", warmup_steps=10)
+    rates = [learning_rate(cfg, step) for step in range(cfg.steps)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)  # linear warm-up to lr
+    assert rates[10] == pytest.approx(1e-3) and rates[60] == pytest.approx(5e-4)  # cos(pi/2) half-way
+    assert rates[-1] == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi * 99 / 100)))
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:], strict=False))
+    constant = cfg.replace(lr_schedule="constant", warmup_steps=0)
+    assert {learning_rate(constant, step) for step in (0, 50, 109)} == {1e-3}
+
+
 def test_train_config_round_trips_strictly_through_json(tmp_path) -> None:
     from esrdf.config import ConfigError
     from esrdf.training.config import TRAIN_PRESETS, TrainConfig
@@ -245,5 +279,9 @@ def test_train_config_round_trips_strictly_through_json(tmp_path) -> None:
         TrainConfig.from_dict(data | {"lr_decay": 0.5})
     with pytest.raises(ConfigError, match="missing key 'crop'"):
         TrainConfig.from_dict({k: v for k, v in data.items() if k != "crop"})
+    # A train.json written before these keys existed still resumes, meaning what it meant then.
+    older = {k: v for k, v in data.items() if k not in ("lr_schedule", "warmup_steps", "decode_cache")}
+    restored = TrainConfig.from_dict(older)
+    assert (restored.lr_schedule, restored.warmup_steps, restored.decode_cache) == ("constant", 0, False)
     with pytest.raises(ConfigError, match="amp"):
         TrainConfig.from_dict(data | {"amp": "fp8"})

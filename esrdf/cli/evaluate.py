@@ -39,7 +39,7 @@ def render(report: Any) -> list[Any]:
 
     title = (
         f"ESRDF evaluation: {report.model} x{report.scale}, {report.sampler} {report.steps} steps, "
-        f"eta {report.eta}, seed {report.seed}, {report.device}"
+        f"eta {report.eta}, {report.prior} prior, seed {report.seed}, {report.device}"
     )
     table = Table(title=title)
     for column in ("image", "method", "PSNR RGB", "SSIM RGB", "PSNR Y", "SSIM Y", "LPIPS", "H(res) bits"):
@@ -94,6 +94,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 @click.option("--eta", type=float, default=None, help="DDIM eta in [0, 1] (default: 0).")
 @click.option("--seed", type=int, default=None, help="Image i uses seed + i (default: 0).")
 @click.option(
+    "--prior",
+    type=click.Choice(PRIORS),
+    default=None,
+    help="x_T ~ N(0, (1 - alpha_bar_T) I) (matched, the default), or N(0, I) as the paper.",
+)
+@click.option(
     "--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the report here."
 )
 @click.option(
@@ -125,6 +131,7 @@ def main(
     sampler: str | None,
     eta: float | None,
     seed: int | None,
+    prior: str | None,
     json_out: Path | None,
     side_by_side: Path | None,
     fid: bool,
@@ -142,7 +149,7 @@ def main(
         report = evaluate(
             ckpt,
             data,
-            SamplingOptions(sampler, steps, eta, seed),
+            SamplingOptions(sampler, steps, eta, seed, prior),
             device=device,
             lpips=not no_lpips,
             fid=fid,

@@ -25,25 +25,32 @@ a run stopped and resumed equals an uninterrupted one of the same length (``esrd
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
-from esrdf.config import ModelConfig, SamplingOptions, UNetConfig, preset
+from esrdf.config import PRIORS, ModelConfig, SamplingOptions, UNetConfig, preset
+from esrdf.default_model import RECOMMENDED_SAMPLING
+from esrdf.default_model.goals import Goal, check_goals
 
 if TYPE_CHECKING:  # the training config imports the losses, hence torch: only where it is used
     from esrdf.training.config import TrainConfig
 
 PREDICTOR_DIR, DIFFUSION_DIR = "predictor", "diffusion"
 SHIP_CKPT_DIR = "ship_checkpoint"
+TIMINGS_FILE = "timings.json"
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 # Steps chosen from a 20-step probe of each stage on the 2-core CPU dev machine (see MODEL_CARD.md).
-PREDICTOR_STEPS = 700
-DIFFUSION_STEPS = 901
+PREDICTOR_STEPS = 4000
+DIFFUSION_STEPS = 6000
 
 
 def default_model_config() -> ModelConfig:
@@ -68,12 +75,16 @@ def predictor_train_config(steps: int) -> TrainConfig:
     return TrainConfig(
         kind="predictor",
         steps=steps,
-        batch=8,
-        crop=64,
+        batch=16,
+        crop=96,
         lr=5e-4,
-        save_every=50,
+        lr_schedule="cosine",
+        warmup_steps=100,
+        amp="bf16",
+        save_every=100,
         max_side=1024,
         predictor_loss=loss,
+        decode_cache=True,
     )
 
 
@@ -84,20 +95,63 @@ def diffusion_train_config(steps: int) -> TrainConfig:
         kind="diffusion",
         steps=steps,
         batch=8,
-        crop=48,
+        crop=64,
         lr=3e-4,
-        ema_decay=0.99,
-        save_every=50,
+        lr_schedule="cosine",
+        warmup_steps=50,
+        ema_decay=0.995,
+        amp="bf16",
+        save_every=100,
         max_side=1024,
+        decode_cache=True,
     )
+
+
+def default_state_dir() -> Path:
+    """Where the recipe keeps its runs by default: ``$ESRDF_CACHE/default_model`` (``~/.cache/esrdf``),
+    outside the work tree, so a rerun resumes and ``git clean`` loses nothing."""
+    env = os.environ.get("ESRDF_CACHE")
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "esrdf") / "default_model"
 
 
 def _resumable(out_dir: Path) -> bool:
     return (out_dir / "train.json").exists()
 
 
+@contextlib.contextmanager
+def _timed_stage(out: Path, stage: str) -> Iterator[None]:
+    """Add this stage's wall and CPU seconds (all threads of this process) to ``OUT/timings.json`` and log
+    its start and end to ``OUT/recipe.log``; resumed runs accumulate, so the totals are the recipe's cost."""
+    out.mkdir(parents=True, exist_ok=True)
+    wall, cpu = time.perf_counter(), time.process_time()
+    _log(out, f"{stage}: start")
+    try:
+        yield
+    finally:
+        path = out / TIMINGS_FILE
+        timings = json.loads(path.read_text()) if path.is_file() else {}
+        entry = timings.setdefault(stage, {"wall_s": 0.0, "cpu_s": 0.0, "runs": 0})
+        entry["wall_s"] += time.perf_counter() - wall
+        entry["cpu_s"] += time.process_time() - cpu
+        entry["runs"] += 1
+        path.write_text(json.dumps(timings, indent=2) + "\n")
+        _log(
+            out,
+            f"{stage}: stop; {entry['wall_s'] / 3600:.2f} h wall, {entry['cpu_s'] / 3600:.2f} CPU-h in all",
+        )
+
+
+def _log(out: Path, message: str) -> None:
+    with open(out / "recipe.log", "a") as log:
+        log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
+
 def train_default_model(out: Path, predictor_steps: int, diffusion_steps: int, progress: bool = True) -> Path:
-    """Train the predictor, then the U-Net on its frozen residuals; each stage resumes where it stopped."""
+    """Train the predictor, then the U-Net on its frozen residuals; each stage resumes where it stopped.
+
+    Progress lines go to ``OUT/predictor.log`` and ``OUT/diffusion.log`` (every 25 steps), stage times to
+    ``OUT/timings.json``.
+    """
     from esrdf.data import offline_training_photos
     from esrdf.training.diffusion import train_diffusion
     from esrdf.training.predictor import train_predictor
@@ -107,25 +161,14 @@ def train_default_model(out: Path, predictor_steps: int, diffusion_steps: int, p
         raise click.ClickException("no offline training photos: run `make photos` first")
     cfg = default_model_config()
     pred_dir, diff_dir = out / PREDICTOR_DIR, out / DIFFUSION_DIR
-    result = train_predictor(
-        photos,
-        pred_dir,
-        cfg,
-        predictor_train_config(predictor_steps),
-        resume=_resumable(pred_dir),
-        progress=progress,
-    )
+    with _timed_stage(out, PREDICTOR_DIR):
+        result = train_predictor(photos, pred_dir, cfg, predictor_train_config(predictor_steps),
+                                 resume=_resumable(pred_dir), progress=progress)  # fmt: skip
     if result.interrupted:
         raise SystemExit(130)
-    result = train_diffusion(
-        photos,
-        pred_dir,
-        diff_dir,
-        diffusion_train_config(diffusion_steps),
-        model_cfg=cfg,
-        resume=_resumable(diff_dir),
-        progress=progress,
-    )
+    with _timed_stage(out, DIFFUSION_DIR):
+        result = train_diffusion(photos, pred_dir, diff_dir, diffusion_train_config(diffusion_steps),
+                                 model_cfg=cfg, resume=_resumable(diff_dir), progress=progress)  # fmt: skip
     if result.interrupted:
         raise SystemExit(130)
     return diff_dir
@@ -175,16 +218,18 @@ def write_held_out_photos(directory: Path) -> list[Path]:
 
 
 def evaluate_default_model(
-    ckpt: Path, photos_dir: Path, steps: int, eta: float, report_path: Path
-) -> dict[str, dict[str, float | None]]:
-    """Bicubic vs predictor-only vs full ESRDF on the held-out photos (``esrdf.evaluate``); mean scores."""
+    ckpt: Path, photos_dir: Path, sampling: SamplingOptions, report_path: Path
+) -> tuple[dict[str, dict[str, float | None]], list[Goal]]:
+    """Bicubic vs predictor-only vs full ESRDF on the held-out photos (``esrdf.evaluate``) at ``sampling``:
+    the mean scores, and the quality goals (``goals.check_goals``) the report decides."""
     from esrdf.evaluate import evaluate
 
     write_held_out_photos(photos_dir)
-    report = evaluate(ckpt, photos_dir, SamplingOptions("ddim", steps, eta, 0), progress=False)
+    report = evaluate(ckpt, photos_dir, sampling, progress=False)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(report.to_json())
-    return report.means
+    package = PACKAGE_DIR if Path(ckpt).resolve() == (PACKAGE_DIR / "checkpoint").resolve() else None
+    return report.means, check_goals(report.to_dict(), package)
 
 
 @click.group()
@@ -192,13 +237,19 @@ def main() -> None:
     """Reproduce the shipped default model."""
 
 
+_OUT = click.option(
+    "--out", type=click.Path(path_type=Path), default=None, help="State folder [$ESRDF_CACHE/default_model]."
+)
+
+
 @main.command("train")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("out/default_model"), show_default=True)
+@_OUT
 @click.option("--predictor-steps", type=click.IntRange(min=1), default=PREDICTOR_STEPS, show_default=True)
 @click.option("--diffusion-steps", type=click.IntRange(min=1), default=DIFFUSION_STEPS, show_default=True)
 @click.option("--no-progress", is_flag=True)
-def train_command(out: Path, predictor_steps: int, diffusion_steps: int, no_progress: bool) -> None:
+def train_command(out: Path | None, predictor_steps: int, diffusion_steps: int, no_progress: bool) -> None:
     """Train (or resume) both stages into --out."""
+    out = out or default_state_dir()
     click.echo(str(train_default_model(out, predictor_steps, diffusion_steps, progress=not no_progress)))
 
 
@@ -206,15 +257,26 @@ def train_command(out: Path, predictor_steps: int, diffusion_steps: int, no_prog
 @click.option(
     "--ckpt", type=click.Path(path_type=Path), default=PACKAGE_DIR / "checkpoint", show_default=True
 )
-@click.option("--photos", type=click.Path(path_type=Path), default=Path("out/held_out"), show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="DDIM steps.")
-@click.option("--eta", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True)
+@click.option("--photos", type=click.Path(path_type=Path), default=None, help="[--out/held_out]")
+@_OUT
+@click.option("--steps", type=click.IntRange(min=1), default=RECOMMENDED_SAMPLING.steps, show_default=True)
+@click.option("--eta", type=click.FloatRange(0.0, 1.0), default=RECOMMENDED_SAMPLING.eta, show_default=True)
 @click.option(
-    "--json", "report_path", type=click.Path(path_type=Path), default=Path("out/default_model/eval.json")
+    "--prior", type=click.Choice(PRIORS), default=RECOMMENDED_SAMPLING.prior, show_default=True
 )
-def evaluate_command(ckpt: Path, photos: Path, steps: int, eta: float, report_path: Path) -> None:
-    """Score the model on the held-out photos; print mean scores per method."""
-    click.echo(json.dumps(evaluate_default_model(ckpt, photos, steps, eta, report_path), indent=2))
+def evaluate_command(
+    ckpt: Path, photos: Path | None, out: Path | None, steps: int, eta: float, prior: str
+) -> None:
+    """Score the model on the held-out photos (DDIM, the bundle's default sampling unless told otherwise):
+    mean scores per method, then each quality goal of MODEL_CARD.md, met or missed."""
+    out = out or default_state_dir()
+    sampling = dataclasses.replace(RECOMMENDED_SAMPLING, steps=steps, eta=eta, prior=prior, seed=0)
+    report_path = out / "eval.json"
+    means, goals = evaluate_default_model(ckpt, photos or out / "held_out", sampling, report_path)
+    click.echo(json.dumps(means, indent=2))
+    for goal in goals:
+        click.echo(f"{'MET   ' if goal.met else 'MISSED'} {goal.name}: {goal.detail}")
+    click.echo(f"{sum(g.met for g in goals)} of {len(goals)} goals met; report: {report_path}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from esrdf.config import Prediction
+from esrdf.diffusion.parameterisation import training_target
 from esrdf.diffusion.schedule import Schedule
 
 
@@ -44,8 +46,12 @@ def diffusion_loss(
     cond: Tensor,
     loss: Literal["l1", "l2"] = "l1",
     generator: torch.Generator | None = None,
+    prediction: Prediction = "eps",
 ) -> Tensor:
     """The eps-prediction loss (paper Eq. 6): ||eps - eps_theta(concat[cond, r_t], t)||, t ~ U{0..T-1}.
+
+    With ``prediction`` "v" or "x0" the U-Net's target is v or r_0 instead
+    (``esrdf.diffusion.parameterisation``); t and eps are drawn the same way.
 
     L1 as in the paper, or L2 (squared error). Both are means over all elements; the authors' code sums
     (``nn.L1Loss(reduction='sum')``), which only rescales the gradient, and AdamW is invariant to that scale
@@ -58,9 +64,12 @@ def diffusion_loss(
     noise = torch.randn(residual.shape, generator=generator, dtype=residual.dtype, device=draw_device)
     t_idx, noise = t_idx.to(residual.device), noise.to(residual.device)
     r_t = q_sample(schedule, residual, t_idx, noise)
-    eps_hat = unet(torch.cat([cond, r_t], dim=1), t_idx.to(torch.float32))
+    sqrt_ab = _gather(schedule.sqrt_alphas_cumprod, t_idx, residual)
+    sqrt_one_minus_ab = _gather(schedule.sqrt_one_minus_alphas_cumprod, t_idx, residual)
+    target = training_target(prediction, residual, noise, sqrt_ab, sqrt_one_minus_ab)
+    output = unet(torch.cat([cond, r_t], dim=1), t_idx.to(torch.float32))
     if loss == "l1":
-        return F.l1_loss(eps_hat, noise)
+        return F.l1_loss(output, target)
     if loss == "l2":
-        return F.mse_loss(eps_hat, noise)
+        return F.mse_loss(output, target)
     raise ValueError(f"unknown diffusion loss {loss!r}; expected 'l1' or 'l2'")

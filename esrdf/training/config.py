@@ -11,21 +11,25 @@ are for CPU runs and tests. Gradient clipping at norm 1.0 is ours, not the paper
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from esrdf.config import ConfigError, read_json_object, strict_from_dict, to_jsonable
+from esrdf.config import ADDED_LATER, ConfigError, read_json_object, strict_from_dict, to_jsonable
+from esrdf.data import ImageFolderDataset
 from esrdf.losses.entropy import EntropyLossConfig
 from esrdf.losses.total import LossConfig
 
 TrainKind = Literal["predictor", "diffusion"]
 AmpMode = Literal["none", "bf16", "fp16"]
 DiffusionLoss = Literal["l1", "l2"]
+LrSchedule = Literal["constant", "cosine"]
 
 # Fields a resumed run may change: none of them alters which samples a step reads or the update rule's
 # hyper-parameters, so "resume == uninterrupted" still holds (amp changes numerics, not the data order).
-RESUMABLE_OVERRIDES = frozenset({"steps", "save_every", "num_workers", "amp"})
+RESUMABLE_OVERRIDES = frozenset({"steps", "save_every", "num_workers", "amp", "decode_cache"})
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,10 @@ class TrainConfig:
     batch: int  # global batch, split evenly over data-parallel processes
     crop: int  # HR crop side in pixels; the LR crop is crop / scale
     lr: float = 1e-4
+    # "cosine": linear warm-up over ``warmup_steps``, then half a cosine from ``lr`` down to 0 at ``steps``
+    # (Loshchilov & Hutter 2017); the paper trains at a constant rate.
+    lr_schedule: LrSchedule = field(default="constant", metadata=ADDED_LATER)
+    warmup_steps: int = field(default=0, metadata=ADDED_LATER)
     weight_decay: float = 5e-4
     betas: tuple[float, ...] = (0.9, 0.999)
     grad_clip: float | None = 1.0  # max global gradient norm; None disables clipping
@@ -50,6 +58,8 @@ class TrainConfig:
     predictor_loss: LossConfig = field(default_factory=LossConfig.paper)
     diffusion_loss: DiffusionLoss = "l1"  # diffusion only: L1 on eps as in the paper, or L2
     num_workers: int = 0  # DataLoader worker processes; 0 decodes crops in the training process
+    # Keep decoded, shrunk photos in the user cache (esrdf.data.load_rgb_cached): same arrays, faster start.
+    decode_cache: bool = field(default=False, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "crop", "save_every"):
@@ -65,8 +75,8 @@ class TrainConfig:
             raise ConfigError(f"train.grad_clip must be positive or null, got {self.grad_clip}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.num_workers < 0 or self.ema_start < 0:
-            raise ConfigError("train.num_workers and train.ema_start must be >= 0")
+        if self.num_workers < 0 or self.ema_start < 0 or self.warmup_steps < 0:
+            raise ConfigError("train.num_workers, train.ema_start and train.warmup_steps must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return to_jsonable(self)
@@ -129,13 +139,27 @@ def merge_for_resume(saved: TrainConfig, overrides: dict[str, Any]) -> TrainConf
     """The saved config with ``overrides`` applied; changing anything that alters the data order or the
     optimisation (batch, crop, seed, lr, ...) is refused, so a resumed run equals an uninterrupted one."""
     changed = {k: v for k, v in overrides.items() if v is not None and getattr(saved, k) != v}
-    refused = sorted(set(changed) - RESUMABLE_OVERRIDES)
+    allowed = RESUMABLE_OVERRIDES if saved.lr_schedule == "constant" else RESUMABLE_OVERRIDES - {"steps"}
+    refused = sorted(set(changed) - allowed)
     if refused:
         diffs = ", ".join(f"{k}: {getattr(saved, k)!r} -> {changed[k]!r}" for k in refused)
         raise ConfigError(
-            f"cannot change {diffs} when resuming (only {sorted(RESUMABLE_OVERRIDES)} may change)"
+            f"cannot change {diffs} when resuming (only {sorted(allowed)} may change"
+            + ("; a decaying lr_schedule is tied to steps)" if "steps" not in allowed else ")")
         )
     return saved.replace(**changed)
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): a pure function of the step, so a resumed
+    run follows the same schedule as an uninterrupted one."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def with_feat_loss(loss: LossConfig, enabled: bool) -> LossConfig:
@@ -143,3 +167,16 @@ def with_feat_loss(loss: LossConfig, enabled: bool) -> LossConfig:
     if not enabled:
         return dataclasses.replace(loss, w_feat=0.0)
     return loss if loss.w_feat > 0 else dataclasses.replace(loss, w_feat=LossConfig.paper().w_feat)
+
+
+def decode_cache_dir() -> Path:
+    """Where ``decode_cache`` keeps decoded photos: ``$ESRDF_CACHE/photos`` (default ``~/.cache/esrdf``)."""
+    from esrdf.vgg import vgg_cache_dir
+
+    return vgg_cache_dir() / "photos"
+
+
+def training_dataset(data: Path | Sequence[Path], cfg: TrainConfig, scale: int) -> ImageFolderDataset:
+    """The crops of one run: its crop, seed and photo size, decoded through the cache when asked."""
+    cache = decode_cache_dir() if cfg.decode_cache else None
+    return ImageFolderDataset(data, cfg.crop, scale, seed=cfg.seed, max_side=cfg.max_side, cache_dir=cache)

@@ -24,12 +24,11 @@ from esrdf.checkpoint import (
     save_checkpoint,
 )
 from esrdf.config import ConfigError, ModelConfig
-from esrdf.data import ImageFolderDataset
 from esrdf.diffusion.objective import diffusion_loss
 from esrdf.diffusion.schedule import make_schedule
 from esrdf.models.build import build_predictor, build_unet
 from esrdf.models.predictor import Predictor
-from esrdf.training.config import TrainConfig
+from esrdf.training.config import TrainConfig, training_dataset
 from esrdf.training.distributed import DistContext, distributed_context, wrap_data_parallel
 from esrdf.training.ema import EMA
 from esrdf.training.loop import Loop, TrainResult, make_optimizer, run_loop
@@ -120,7 +119,7 @@ def _train(
     resume: bool,
     progress: bool,
 ) -> TrainResult:
-    dataset = ImageFolderDataset(data, cfg.crop, model_cfg.scale, seed=cfg.seed, max_side=cfg.max_side)
+    dataset = training_dataset(data, cfg, model_cfg.scale)
     predictor.eval().requires_grad_(False)  # frozen: BatchNorm uses its running statistics
     torch.manual_seed(cfg.seed)
     unet = build_unet(model_cfg).to(ctx.device)
@@ -139,8 +138,9 @@ def _train(
         with torch.no_grad(), torch.autocast(ctx.device.type, enabled=False):
             coarse = predictor(lr)
         return diffusion_loss(
-            model, schedule, hr - coarse, coarse, loss=cfg.diffusion_loss, generator=generator
-        )
+            model, schedule, hr - coarse, coarse, loss=cfg.diffusion_loss, generator=generator,
+            prediction=model_cfg.unet.prediction,
+        )  # fmt: skip
 
     def save(step: int, state: TrainingState) -> None:
         save_checkpoint(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,7 +40,7 @@ from torch import Tensor, nn
 from esrdf.checkpoint import TrainingState, flatten_optimizer_state, unflatten_optimizer_state
 from esrdf.config import ConfigError
 from esrdf.data import ImageFolderDataset, StepBatchSampler
-from esrdf.training.config import TrainConfig
+from esrdf.training.config import TrainConfig, learning_rate
 from esrdf.training.distributed import DistContext, any_rank, barrier, sync_buffers
 from esrdf.training.ema import EMA
 
@@ -191,8 +192,33 @@ def _progress_bar(loop: Loop) -> Progress:
         TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
         console=Console(stderr=True),
-        disable=not (loop.progress and loop.ctx.is_main),
+        disable=not (loop.progress and loop.ctx.is_main and sys.stderr.isatty()),
     )
+
+
+# Every this many steps one plain progress line goes to the run's log file (``progress_log_path``) and,
+# without a terminal (a background run), to stderr in place of the bar.
+LOG_EVERY = 25
+
+
+def progress_log_path(out_dir: Path) -> Path:
+    """``OUT.log`` beside the checkpoint directory ``OUT``: the checkpoint is replaced whole at each save,
+    so a log inside it would not survive; this one is appended to across resumes."""
+    return out_dir.parent / f"{out_dir.name}.log"
+
+
+def _log_line(loop: Loop, step: int, smoothed: float, seconds_per_step: float) -> None:
+    if not loop.ctx.is_main or not (step % LOG_EVERY == 0 or step == loop.cfg.steps):
+        return
+    lr = loop.optimizer.param_groups[0]["lr"]
+    line = (f"{time.strftime('%Y-%m-%d %H:%M:%S')} {loop.cfg.kind} step {step}/{loop.cfg.steps} "
+            f"loss {smoothed:.5f} lr {lr:.3g} {seconds_per_step:.3f} s/step")  # fmt: skip
+    path = progress_log_path(loop.out_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as log:
+        log.write(line + "\n")
+    if loop.progress and not sys.stderr.isatty():
+        print(line, file=sys.stderr, flush=True)
 
 
 def run_loop(loop: Loop) -> TrainResult:
@@ -217,6 +243,8 @@ def run_loop(loop: Loop) -> TrainResult:
             generator = torch.Generator(ctx.device).manual_seed(step_seed(cfg.seed, step, ctx.rank, stream=2))
             with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = loop.loss_fn(lr, hr, generator)
+            for group in loop.optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step)
             loop.optimizer_step(loss)
             step += 1
             if loop.ema is not None:
@@ -229,6 +257,7 @@ def run_loop(loop: Loop) -> TrainResult:
             now = time.perf_counter()
             throughput = cfg.batch / max(now - tick, 1e-9)
             bar.update(task, advance=1, status=f"loss {smoothed:.4f}  {throughput:.1f} img/s")
+            _log_line(loop, step, smoothed, now - tick)
             tick = now
             if any_rank(stop.is_set(), ctx):
                 interrupted = True

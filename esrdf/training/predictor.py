@@ -10,9 +10,8 @@ from torch import Tensor, nn
 
 from esrdf.checkpoint import TrainingState, save_checkpoint
 from esrdf.config import ConfigError, ModelConfig
-from esrdf.data import ImageFolderDataset
 from esrdf.models.build import build_predictor
-from esrdf.training.config import TrainConfig
+from esrdf.training.config import TrainConfig, training_dataset
 from esrdf.training.distributed import DistContext, distributed_context, wrap_data_parallel
 from esrdf.training.loop import Loop, TrainResult, make_optimizer, run_loop
 from esrdf.training.resume import check_resume_configs, load_resume, prepare_output
@@ -62,7 +61,7 @@ def _train(
     progress: bool,
 ) -> TrainResult:
     criterion = _make_criterion(cfg, ctx.device)  # first: missing VGG weights fail before decoding photos
-    dataset = ImageFolderDataset(data, cfg.crop, model_cfg.scale, seed=cfg.seed, max_side=cfg.max_side)
+    dataset = training_dataset(data, cfg, model_cfg.scale)
     torch.manual_seed(cfg.seed)
     predictor = build_predictor(model_cfg).to(ctx.device)
     # The authors' unused conv gets no gradient; DDP must be told, or it waits for it forever.
