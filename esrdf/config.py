@@ -278,8 +278,9 @@ class SamplingOptions:
 
     ``None`` means "not given". ``resolve`` is the one place that fills what is not given: first from
     ``defaults`` (e.g. what a model is known to need), then by the built-in rule (DDIM, ``DEFAULT_STEPS``
-    capped at T, eta 0, seed 0, the matched prior; DDPM runs all T). Values are checked where they are used (the step plan), so
-    a bad one gets the sampler's own message. Frozen and hashable: requests can be grouped by it.
+    capped at T, eta 0, seed 0, the matched prior; DDPM runs all T). Values are checked where they are used
+    (the step plan), so a bad one gets the sampler's own message. Frozen and hashable: requests can be
+    grouped by it.
     """
 
     sampler: str | None = None

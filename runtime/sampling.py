@@ -57,6 +57,8 @@ class StepPlan:
     timesteps: np.ndarray  # int64[N]
     t: np.ndarray  # float32[N]
     coefs: np.ndarray  # float32[N, 3]
+    # std of x_T: noise field 0 is multiplied by it where x_T is made (1.0: x_T ~ N(0, I), the paper's start)
+    init_noise_std: float = 1.0
 
     @property
     def num_steps(self) -> int:

@@ -63,8 +63,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, eval_photos: dict[str, n
     return root
 
 
-def _run(workspace: Path, seed: int | None = None, **kwargs):
-    sampling = SamplingOptions(steps=2, seed=seed)
+def _run(workspace: Path, seed: int | None = None, prior: str | None = None, **kwargs):
+    sampling = SamplingOptions(steps=2, seed=seed, prior=prior)
     return evaluate(workspace / "ckpt", workspace / "data", sampling, progress=False, **kwargs)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from esrdf.config import SAMPLERS, SamplingOptions
+from esrdf.config import PRIORS, SAMPLERS, SamplingOptions
 
 
 def _fmt(value: float | None, digits: int) -> str:

@@ -261,9 +261,7 @@ def train_command(out: Path | None, predictor_steps: int, diffusion_steps: int, 
 @_OUT
 @click.option("--steps", type=click.IntRange(min=1), default=RECOMMENDED_SAMPLING.steps, show_default=True)
 @click.option("--eta", type=click.FloatRange(0.0, 1.0), default=RECOMMENDED_SAMPLING.eta, show_default=True)
-@click.option(
-    "--prior", type=click.Choice(PRIORS), default=RECOMMENDED_SAMPLING.prior, show_default=True
-)
+@click.option("--prior", type=click.Choice(PRIORS), default=RECOMMENDED_SAMPLING.prior, show_default=True)
 def evaluate_command(
     ckpt: Path, photos: Path | None, out: Path | None, steps: int, eta: float, prior: str
 ) -> None:

@@ -52,7 +52,7 @@ class PlanCache:
 
     def __init__(self, alphas_cumprod: np.ndarray) -> None:
         self._alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
-        self._plans: dict[tuple[str, int, float], StepPlan] = {}
+        self._plans: dict[tuple[str, int, float, str], StepPlan] = {}
         self._lock = threading.Lock()
 
     def plan(self, sampling: ResolvedSampling) -> StepPlan:
@@ -100,7 +100,7 @@ def sample_tile_rows(
     scale = manifest.scale
     noise = seeded_noise(scale, channels, th, tw)
     out = np.empty((lr_tiles.shape[0], channels, th * scale, tw * scale), dtype=np.float32)
-    groups: dict[tuple[str, int, float], list[int]] = {}
+    groups: dict[tuple[str, int, float, str], list[int]] = {}
     for i, opt in enumerate(options):
         groups.setdefault(opt.plan_key, []).append(i)
     for members in groups.values():
