@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from esrdf.config import Prediction, preset
+from esrdf.config import Prediction, SamplingOptions, preset
 from esrdf.diffusion.parameterisation import training_target
 from esrdf.diffusion.schedule import Schedule, make_schedule
 from esrdf.models.step_module import StepModule
@@ -94,7 +94,9 @@ def test_v_bundle_runs_like_the_eager_sampler(astronaut: np.ndarray, tmp_path: P
     runs = {}
     for precision in ("fp32", "fp16"):
         runtime = Upscaler(bundle, tile=0, backend="onnxruntime", precision=precision)
-        runs[precision] = runtime.upscale_array(lr, steps=10, sampler="ddim", eta=0.5, injected_noise=fields)
+        runs[precision] = runtime.upscale_array(
+            lr, SamplingOptions(sampler="ddim", steps=10, eta=0.5, prior="paper"), injected_noise=fields
+        )
     assert float(np.max(np.abs(runs["fp32"] - eager_np))) / 2 <= END_TO_END_FP32.max_abs
     mse = float(np.mean(((runs["fp16"] - runs["fp32"]) / 2) ** 2))
     assert 10 * np.log10(1 / mse) >= END_TO_END_FP16.min_psnr_db

@@ -61,7 +61,7 @@ class PlanCache:
             plan = self._plans.get(key)
         if plan is None:
             # ValueError for bad options (steps > T, unknown sampler, eta outside [0, 1]) reaches the caller.
-            plan = plan_steps(self._alphas_cumprod, *key)
+            plan = plan_steps(self._alphas_cumprod, sampling.sampler, sampling.steps, sampling.eta)
             with self._lock:
                 self._plans[key] = plan
         return plan
