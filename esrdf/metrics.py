@@ -1,6 +1,6 @@
 """Image-quality metrics for super-resolution, in numpy: PSNR, SSIM (two conventions) and residual entropy.
 
-Two conventions are reported, because SR papers mix them (DESIGN.md section 6):
+Two conventions are reported, because SR papers mix them (docs/DESIGN.md section 6):
 
 * **As the ESRDF paper computes them** (``psnr_rgb``, ``ssim_rgb``): RGB, the full image, 8-bit range. This
   matches the authors' ``core/metrics.py`` (inherited from SR3): PSNR from the MSE over all pixels and

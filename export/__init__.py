@@ -1,4 +1,4 @@
-"""torch -> ONNX export of ESRDF, and the bundles the runtime reads (DESIGN.md section 3).
+"""torch -> ONNX export of ESRDF, and the bundles the runtime reads (docs/DESIGN.md section 3).
 
 - ``step_module``: the modules behind the two graphs (``PredictorModule``; ``StepModule`` = U-Net + fp32
   sampler update), shared with the torch engine;

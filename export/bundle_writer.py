@@ -309,7 +309,7 @@ def _measure_parity(
     alphas_cumprod: np.ndarray,
     options: ExportOptions,
 ) -> tuple[dict[str, dict[str, float]], str]:
-    """Figures per graph file against the eager fp32 modules; gate on the bars of DESIGN.md section 4."""
+    """Figures per graph file against the eager fp32 modules; gate on the bars of docs/DESIGN.md section 4."""
     from esrdf.export.parity import (
         ParityError,
         bar_failures,
@@ -340,7 +340,7 @@ def _measure_parity(
             failures += bar_failures(figures, bar_for(precision), f"{role} {precision}")
     if failures and options.parity_gate:
         raise ParityError(
-            "exported graphs miss the parity bars of DESIGN.md section 4: "
+            "exported graphs miss the parity bars (esrdf.runtime.tolerances): "
             + "; ".join(failures)
             + " (pass --no-parity-gate to write the bundle anyway)"
         )

@@ -1,4 +1,4 @@
-"""Parity of the exported graphs with the eager model, measured at export (DESIGN.md section 4).
+"""Parity of the exported graphs with the eager model, measured at export (docs/DESIGN.md section 4).
 
 Inputs are real photo content, never noise alone: crops of scikit-image's astronaut (bundled with
 scikit-image, held out from training), or, where scikit-image is missing, a deterministic synthetic image
@@ -35,7 +35,7 @@ Feeds = dict[str, np.ndarray]
 
 
 class ParityError(RuntimeError):
-    """An exported graph misses a parity bar of DESIGN.md section 4."""
+    """An exported graph misses a parity bar of ``esrdf.runtime.tolerances``."""
 
 
 @dataclass(frozen=True)

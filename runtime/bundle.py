@@ -1,4 +1,4 @@
-"""The bundle: a directory of exported graphs described by ``manifest.json`` (DESIGN.md section 3).
+"""The bundle: a directory of exported graphs described by ``manifest.json`` (docs/DESIGN.md section 3).
 
 The runtime defines the format and reads it; ``esrdf.export`` writes it with ``write_bundle_atomically``.
 Layout::

@@ -1,7 +1,7 @@
 """Counter-based Gaussian noise: every value is a pure function of (seed, step, channel, y, x).
 
 Tiles of an image are sampled independently, yet their overlaps must see the same noise, or the blended
-result would depend on the tiling (DESIGN.md section 3, "Tiles are cut from one full-image noise field").
+result would depend on the tiling (docs/DESIGN.md section 3, "Tiles are cut from one full-image noise field").
 Drawing each value from a hash of its global coordinates gives exactly that without ever materialising the
 N + 1 full-size fields, and the same algorithm is short enough to reproduce bit for bit in C++ or torch.
 

@@ -1,4 +1,4 @@
-"""The parity bars of DESIGN.md section 4, in one table.
+"""The parity bars, in one table (docs/DESIGN.md section 4 explains each).
 
 Export measures its graphs against these and records the figures in the manifest; the tests assert them.
 """

@@ -1,4 +1,4 @@
-"""Shared fixtures: real offline photos (DESIGN.md section 5) and hardware markers.
+"""Shared fixtures: real offline photos (docs/DESIGN.md section 5) and hardware markers.
 
 Evaluation photos come from scikit-image and scikit-learn (held out from training); training photos come
 from Debian packages installed by .ci/run. Hardware tiers skip with a reason where the hardware is missing.

@@ -4,7 +4,7 @@ One session-scoped CMake build (with address + undefined-behaviour sanitizers, `
 one copy of the shared tiny bundle with AOTInductor packages (``esrdf.export.aoti``) serve every test here.
 The Python side writes reference data (numpy noise fields, step plans, and real photos upscaled by
 ``esrdf.runtime.Upscaler`` on onnxruntime with the same seed) that ctest's ``parity`` test compares against;
-the end-to-end bar is DESIGN.md section 4's (``END_TO_END_FP32``: max abs <= 1e-3 on [0, 1] images).
+the end-to-end bar is docs/DESIGN.md section 4's (``END_TO_END_FP32``: max abs <= 1e-3 on [0, 1] images).
 
 Skips, with the reason, where cmake, a C++ compiler or a system library (libpng, OpenSSL, nlohmann-json) is
 missing: ``make system-deps`` installs them. ``ESRDF_CPP_SANITIZE=0`` builds without sanitizers;

@@ -2,7 +2,7 @@
 
 The runtime runs the exported bundle through an engine (onnxruntime, or the torch oracle); the eager side is
 ``esrdf.diffusion.samplers.sample_residual_sr`` on the checkpoint's modules. Both get the same injected
-noise fields (x_T, then one per update), so the bars are those of DESIGN.md section 4.
+noise fields (x_T, then one per update), so the bars are those of docs/DESIGN.md section 4.
 
 The tiny model has random weights, so its samples are far from the photo and part of the output saturates
 at the [-1, 1] clip; the tests check that enough pixels stay unclipped for the comparison to bite.

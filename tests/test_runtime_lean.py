@@ -1,4 +1,4 @@
-"""The onnxruntime path, imported and run, loads no torch (DESIGN.md section 2: a service needs numpy + one
+"""The onnxruntime path, imported and run, loads no torch (docs/DESIGN.md section 2: a service needs numpy + one
 engine library)."""
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ SCHEDULES = {
 
 
 def test_paper_schedule_ends_far_from_noise() -> None:
-    # DESIGN.md section 6: the paper's T=200 linear schedule ends at alpha_bar ~= 0.3666.
+    # docs/DESIGN.md section 6: the paper's T=200 linear schedule ends at alpha_bar ~= 0.3666.
     assert SCHEDULES["paper_linear"][-1] == pytest.approx(0.36660918337993165, rel=1e-12)
     assert SCHEDULES["zero_terminal_snr"][-1] == 0.0
 

@@ -55,7 +55,7 @@ def test_paper_preset_golden_values() -> None:
 
 
 def test_paper_preset_ends_far_from_noise_and_remedies_reach_it() -> None:
-    """DESIGN.md section 6: x_T of the paper schedule still holds 60% of the residual's amplitude."""
+    """docs/DESIGN.md section 6: x_T of the paper schedule still holds 60% of the residual's amplitude."""
     paper = make_schedule(PAPER)
     assert paper.sqrt_alphas_cumprod[-1] == pytest.approx(0.6054826, abs=1e-7)
     more_t = make_schedule(dataclasses.replace(PAPER, timesteps=1000))

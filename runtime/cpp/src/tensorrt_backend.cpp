@@ -1,6 +1,6 @@
 // The TensorRT backend (TensorRT 10 C++ API, CUDA runtime): the bundle's serialized plans, with each batch's
 // whole sampler loop (copy-in, predictor, N step calls, copy-out) replayed as one CUDA graph
-// (DESIGN.md section 3, "CUDA graphs"). Built only when CMake finds TensorRT and the CUDA toolkit.
+// (docs/DESIGN.md section 3, "CUDA graphs"). Built only when CMake finds TensorRT and the CUDA toolkit.
 //
 // - Plans are picked like esrdf/engines/tensorrt_engine.py: the EngineKey (TensorRT version, GPU name, SM,
 //   ONNX sha256) must match this machine and the bundle; otherwise the error names the rebuild command.

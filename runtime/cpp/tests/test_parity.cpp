@@ -2,7 +2,7 @@
 //   noise:   whole fields from numpy's esrdf.runtime.noise, compared bit for bit (ulp distance reported);
 //   plans:   t and coefs from esrdf.runtime.sampling.plan_steps on the bundle's schedule, bit for bit;
 //   upscale: a real photo through esrdf.runtime.Upscaler (onnxruntime, fp32) with the same seed, and so the
-//            same noise field; max |C++ - Python| on [0, 1] images must meet DESIGN.md section 4's bar.
+//            same noise field; max |C++ - Python| on [0, 1] images must meet docs/DESIGN.md section 4's bar.
 // Figures go to results.json for the pytest driver to report.
 #include <cmath>
 #include <cstdlib>
