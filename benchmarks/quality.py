@@ -1,11 +1,12 @@
 """Quality against the number of steps: PSNR, SSIM (both conventions) and LPIPS on the held-out photos.
 
-The held-out evaluation photos of docs/DESIGN.md section 5 (scikit-image's astronaut, coffee, chelsea, rocket and
-hubble_deep_field; scikit-learn's china and flower) are scored by ``esrdf.evaluate.evaluate_models``, the
-same code as ``esrdf-eval``, once per sampler setting: DDIM at each step count of the list, and DDPM
-ancestral over all T (paper Eq. 4-7). Every row is the mean over the photos; the bicubic and predictor-only
-rows (paper Section 4.2) do not depend on the sampler and come from the first run. Cropping, degradation,
-seeds and the two PSNR/SSIM conventions are ``esrdf.evaluate``'s and are written into the result.
+The held-out evaluation photos of docs/DESIGN.md section 5 (scikit-image's astronaut, coffee, chelsea,
+rocket and hubble_deep_field; scikit-learn's china and flower) are scored by
+``esrdf.evaluate.evaluate_models``, the same code as ``esrdf-eval``, once per sampler setting: DDIM at each
+step count of the list, and DDPM ancestral over all T (paper Eq. 4-7). Every row is the mean over the
+photos; the bicubic and predictor-only rows (paper Section 4.2) do not depend on the sampler and come from
+the first run. Cropping, degradation, seeds and the two PSNR/SSIM conventions are ``esrdf.evaluate``'s and
+are written into the result.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Build fp16 TensorRT engines from a bundle's mixed-precision ONNX graphs (docs/DESIGN.md section 3, "Precision").
+"""Build fp16 TensorRT engines from a bundle's mixed-precision ONNX graphs.
+
+See docs/DESIGN.md section 1, "Two graphs".
 
 Precision is decided in the ONNX: the fp16 graphs keep norms, softmax and the sampler update in fp32 (the
 step graph computes paper Eq. 5-7 with the update folded in). TensorRT therefore builds them *strongly

@@ -1,4 +1,6 @@
-"""Per-graph parity: eager torch vs onnxruntime, fp32 and mixed fp16, on real photo crops (docs/DESIGN.md section 4).
+"""Per-graph parity: eager torch vs onnxruntime, fp32 and mixed fp16, on real photo crops.
+
+The bars are docs/DESIGN.md section 4's.
 
 Shapes differ from the export example (batch 2, 8x12 LR) and from each other, non-square and batch 3
 included, so the dynamic axes are exercised, not just declared.

@@ -1,5 +1,5 @@
-"""The onnxruntime path, imported and run, loads no torch (docs/DESIGN.md section 2: a service needs numpy + one
-engine library)."""
+"""The onnxruntime path, imported and run, loads no torch (docs/DESIGN.md section 2: a service needs numpy
+plus one engine library)."""
 
 from __future__ import annotations
 

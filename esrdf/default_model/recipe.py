@@ -197,8 +197,9 @@ HELD_OUT_SKIMAGE = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_fie
 
 
 def write_held_out_photos(directory: Path) -> list[Path]:
-    """The held-out evaluation photos of docs/DESIGN.md section 5 as PNG files: scikit-image's astronaut, coffee,
-    chelsea, rocket and hubble_deep_field, scikit-learn's china and flower (scipy's face needs scipy<=1.11).
+    """The held-out evaluation photos of docs/DESIGN.md section 5 as PNG files: scikit-image's astronaut,
+    coffee, chelsea, rocket and hubble_deep_field, scikit-learn's china and flower (scipy's face needs
+    scipy<=1.11).
     """
     import numpy as np
     from PIL import Image
