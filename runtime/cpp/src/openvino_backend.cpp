@@ -4,10 +4,11 @@
 //
 // Precision is chosen per graph, as in the Python OpenVINO engine: fp32, or bf16 through OpenVINO's
 // INFERENCE_PRECISION_HINT on the same fp32 graph (I/O stays float32). bf16 is refused on a CPU whose
-// OpenVINO plugin does not report the BF16 capability (AVX512_BF16 or AMX), rather than emulated.
+// OpenVINO plugin does not report the BF16 capability (AVX512_BF16 or AMX), rather than emulated; "auto"
+// is bf16 where the CPU has it and fp32 elsewhere.
 //
 //   "openvino" | "openvino:fp32"            both graphs fp32 (the default C++ backend when compiled in)
-//   "openvino:bf16"                         both graphs bf16
+//   "openvino:bf16" | "openvino:auto"       both graphs bf16 / bf16 where the CPU has it
 //   "openvino:predictor=fp32,step=bf16"     per graph; "threads=N" caps OpenVINO's CPU threads
 //
 // Shapes are static per compiled model: the graphs are reshaped to each (batch, tile) the driver feeds and
@@ -51,12 +52,13 @@ struct Options {
 [[noreturn]] void bad_option(const std::string& name, const std::string& why) {
   throw Error(ErrorCode::kInvalidArgument,
               "backend '" + name + "': " + why +
-                  "; expected openvino, openvino:fp32, openvino:bf16 or "
-                  "openvino:predictor=fp32|bf16,step=fp32|bf16[,threads=N]");
+                  "; expected openvino, openvino:fp32|bf16|auto or "
+                  "openvino:predictor=fp32|bf16|auto,step=fp32|bf16|auto[,threads=N]");
 }
 
 std::string precision_value(const std::string& name, const std::string& value) {
-  if (value != "fp32" && value != "bf16") bad_option(name, "precision '" + value + "' is not fp32 or bf16");
+  if (value == "auto") return cpu_has_bf16() ? "bf16" : "fp32";
+  if (value != "fp32" && value != "bf16") bad_option(name, "precision '" + value + "' is not fp32, bf16 or auto");
   return value;
 }
 
@@ -172,8 +174,8 @@ class Graph {
 class OpenVinoBackend final : public Backend {
  public:
   OpenVinoBackend(const Bundle& bundle, const std::string& name) {
-    const Options opts = parse_options(name);
     try {
+      const Options opts = parse_options(name);
       if ((opts.predictor == "bf16" || opts.step == "bf16") && !cpu_has_bf16()) {
         throw Error(ErrorCode::kBackendUnavailable,
                     "backend '" + name + "': OpenVINO's CPU plugin reports no bf16 on this CPU (it needs "
@@ -181,11 +183,11 @@ class OpenVinoBackend final : public Backend {
       }
       predictor_ = std::make_unique<Graph>(bundle, "predictor", opts.predictor, opts.threads);
       step_ = std::make_unique<Graph>(bundle, "step", opts.step, opts.threads);
-    } catch (const ov::Exception& exc) {
+      name_ = "openvino:predictor=" + opts.predictor + ",step=" + opts.step;
+      if (opts.threads > 0) name_ += ",threads=" + std::to_string(opts.threads);
+    } catch (const ov::Exception& exc) {  // the Core or its CPU plugin failed to load
       throw Error(ErrorCode::kBackendUnavailable, "OpenVINO CPU plugin unavailable: " + first_line(exc.what()));
     }
-    name_ = "openvino:predictor=" + opts.predictor + ",step=" + opts.step;
-    if (opts.threads > 0) name_ += ",threads=" + std::to_string(opts.threads);
   }
 
   std::string name() const override { return name_; }

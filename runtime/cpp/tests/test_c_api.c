@@ -47,6 +47,13 @@ static void selects_openvino(const char* bundle) {
   else CHECK(strstr(err, "openvino") != NULL && h == NULL);
   esrdf_close(h);
   h = NULL;
+  if (esrdf_open(bundle, "openvino:predictor=fp32,step=auto", &h, err, sizeof err) == ESRDF_OK) {
+    /* auto: bf16 where the CPU has it (as the bf16 open above found), else fp32 */
+    CHECK(strcmp(esrdf_backend(h), rc == ESRDF_OK ? "openvino:predictor=fp32,step=bf16"
+                                                   : "openvino:predictor=fp32,step=fp32") == 0);
+  }
+  esrdf_close(h);
+  h = NULL;
   rc = esrdf_open(bundle, "openvino:fp64", &h, err, sizeof err);
   CHECK((rc == ESRDF_ERR_INVALID_ARGUMENT || rc == ESRDF_ERR_BACKEND_UNAVAILABLE) && h == NULL);
   CHECK(strstr(err, "fp64") != NULL);
