@@ -203,8 +203,8 @@ class Backend {
 
 // Backends, by name:
 //   "openvino[:options]"  the bundle's fp32 ONNX graphs on OpenVINO's CPU plugin, fp32 or bf16 per graph:
-//                         "openvino" (= "openvino:fp32"), "openvino:bf16",
-//                         "openvino:predictor=fp32,step=bf16"; ",threads=N" caps its CPU threads
+//                         "openvino" (= "openvino:fp32"), "openvino:bf16", "openvino:auto" (bf16 where
+//                         the CPU has it), "openvino:predictor=fp32,step=bf16"; ",threads=N" caps threads
 //   "aoti"                libtorch + the bundle's AOTInductor packages (esrdf-export --aoti), CPU fp32
 //   "tensorrt"            the bundle's TensorRT plans, the whole loop as one CUDA graph
 std::vector<std::string> available_backends();  // compiled in, of "openvino", "aoti", "tensorrt"

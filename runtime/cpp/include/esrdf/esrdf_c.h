@@ -40,8 +40,8 @@ typedef struct esrdf_handle esrdf_handle;
 /* Short name of a status, e.g. "ESRDF_ERR_HASH_MISMATCH"; never NULL. */
 const char* esrdf_status_name(int status);
 
-/* Open a bundle with a backend: "openvino" (fp32), "openvino:bf16", "openvino:predictor=fp32,step=bf16",
- * "aoti" or "tensorrt"; NULL or "" means the library's default ("openvino" where it was built with
+/* Open a bundle with a backend: "openvino" (fp32), "openvino:bf16", "openvino:auto" (bf16 where the CPU
+ * has it), "openvino:predictor=fp32,step=bf16", "aoti" or "tensorrt"; NULL or "" means the library's default ("openvino" where it was built with
  * OpenVINO, else "aoti"). Verifies every sha256. */
 int esrdf_open(const char* bundle_dir, const char* backend, esrdf_handle** out, char* err_buf, size_t err_len);
 
