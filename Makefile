@@ -60,10 +60,13 @@ system-deps:
 
 photos: system-deps
 
-# The C++ runtime on its own: configure, build (with the libtorch AOTInductor backend), run ctest.
+# The C++ runtime on its own: configure, build (with the OpenVINO backend where the openvino wheel is
+# installed, and the libtorch AOTInductor backend), run ctest.
 # (make test runs the same suite, with sanitizers and the Python reference data, from tests/test_cpp_runtime.py.)
+OPENVINO_CMAKE = $$($(BIN)/python -c 'import importlib.util as u, pathlib; s = u.find_spec("openvino"); \
+	print(pathlib.Path(s.origin).parent / "cmake" if s else "")')
 cpp: setup system-deps
-	cmake -S runtime/cpp -B $(CPP_BUILD) \
+	cmake -S runtime/cpp -B $(CPP_BUILD) -DOpenVINO_DIR="$(OPENVINO_CMAKE)" \
 		-DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 	cmake --build $(CPP_BUILD) -j2
 	ctest --test-dir $(CPP_BUILD) --output-on-failure

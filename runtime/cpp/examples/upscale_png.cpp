@@ -1,7 +1,7 @@
 // Read a PNG, upscale it with an ESRDF bundle, write a PNG.
 //
 //   upscale_png BUNDLE IN.png OUT.png [--steps N] [--sampler ddim|ddpm] [--eta E] [--seed S]
-//                                     [--backend aoti|tensorrt]
+//                                     [--backend openvino[:bf16]|aoti|tensorrt]
 //
 // Uses only the C API (esrdf_c.h), as a service in another language would. PNGs are read with libpng's
 // simplified API as 8-bit sRGB RGB: grey and palette images are expanded, 16-bit images reduced, and an
@@ -20,7 +20,7 @@
 namespace {
 
 struct Args {
-  std::string bundle, input, output, sampler = "ddim", backend = "aoti";
+  std::string bundle, input, output, sampler = "ddim", backend;  // "": the library's default
   int steps = 0;
   double eta = 0.0;
   unsigned long long seed = 0;
@@ -29,7 +29,7 @@ struct Args {
 int usage(const char* why) {
   std::fprintf(stderr,
                "error: %s\nusage: upscale_png BUNDLE IN.png OUT.png [--steps N] [--sampler ddim|ddpm] "
-               "[--eta E] [--seed S] [--backend aoti|tensorrt]\n",
+               "[--eta E] [--seed S] [--backend openvino[:bf16]|aoti|tensorrt]\n",
                why);
   return 2;
 }

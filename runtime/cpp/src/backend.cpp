@@ -29,6 +29,9 @@ void Backend::sample_batch(const BatchShape& shape, const float* lr, const StepP
 
 std::vector<std::string> available_backends() {
   std::vector<std::string> names;
+#ifdef ESRDF_HAVE_OPENVINO
+  names.push_back("openvino");
+#endif
 #ifdef ESRDF_HAVE_AOTI
   names.push_back("aoti");
 #endif
@@ -38,24 +41,51 @@ std::vector<std::string> available_backends() {
   return names;
 }
 
-std::unique_ptr<Backend> open_backend(const Bundle& bundle, const std::string& name) {
+std::string default_backend() {
+#ifdef ESRDF_HAVE_OPENVINO
+  return "openvino";  // no libtorch, no per-bundle compile: the bundle's ONNX graphs as they are
+#else
+  return "aoti";
+#endif
+}
+
+namespace {
+
+bool is_openvino(const std::string& name) { return name == "openvino" || name.rfind("openvino:", 0) == 0; }
+
+std::string how_to_build(const std::string& name) {
+  if (name == "aoti") {
+    return "configure CMake with CMAKE_PREFIX_PATH=$(python -c 'import torch; print(torch.utils.cmake_prefix_path)')";
+  }
+  if (name == "openvino") {
+    return "pip install openvino, then configure CMake with -DOpenVINO_DIR=$(python -c 'import openvino, "
+           "os; print(os.path.dirname(openvino.__file__))')/cmake";
+  }
+  return "install TensorRT 10 and the CUDA toolkit, then reconfigure";
+}
+
+}  // namespace
+
+std::unique_ptr<Backend> open_backend(const Bundle& bundle, const std::string& requested) {
+  const std::string name = requested.empty() ? default_backend() : requested;
 #ifdef ESRDF_HAVE_AOTI
   if (name == "aoti") return detail::make_aoti_backend(bundle);
+#endif
+#ifdef ESRDF_HAVE_OPENVINO
+  if (is_openvino(name)) return detail::make_openvino_backend(bundle, name);
 #endif
 #ifdef ESRDF_HAVE_TENSORRT
   if (name == "tensorrt") return detail::make_tensorrt_backend(bundle);
 #endif
   std::string have;
   for (const auto& b : available_backends()) have += (have.empty() ? "" : ", ") + b;
-  if (name == "aoti" || name == "tensorrt") {
+  const std::string family = is_openvino(name) ? "openvino" : name;
+  if (family == "aoti" || family == "openvino" || family == "tensorrt") {
     throw Error(ErrorCode::kBackendUnavailable,
                 "backend '" + name + "' was not compiled into this library (built with: " +
-                    (have.empty() ? std::string("none") : have) + "); " +
-                    (name == "aoti" ? "configure CMake with CMAKE_PREFIX_PATH=$(python -c 'import torch; "
-                                      "print(torch.utils.cmake_prefix_path)')"
-                                    : "install TensorRT 10 and the CUDA toolkit, then reconfigure"));
+                    (have.empty() ? std::string("none") : have) + "); " + how_to_build(family));
   }
-  throw Error(ErrorCode::kInvalidArgument, "unknown backend '" + name + "'; expected aoti or tensorrt");
+  throw Error(ErrorCode::kInvalidArgument, "unknown backend '" + name + "'; expected openvino, aoti or tensorrt");
 }
 
 }  // namespace esrdf

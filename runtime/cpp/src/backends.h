@@ -14,6 +14,10 @@ std::string sha256_bytes(const void* data, size_t size);  // lowercase hex (sha2
 #ifdef ESRDF_HAVE_AOTI
 std::unique_ptr<Backend> make_aoti_backend(const Bundle& bundle);
 #endif
+#ifdef ESRDF_HAVE_OPENVINO
+// name: "openvino" or "openvino:<options>" (openvino_backend.cpp lists them).
+std::unique_ptr<Backend> make_openvino_backend(const Bundle& bundle, const std::string& name);
+#endif
 #ifdef ESRDF_HAVE_TENSORRT
 std::unique_ptr<Backend> make_tensorrt_backend(const Bundle& bundle);
 #endif

@@ -9,6 +9,7 @@
 
 struct esrdf_handle {
   std::unique_ptr<esrdf::Upscaler> upscaler;
+  std::string backend;  // backend_name(), kept for esrdf_backend's pointer
 };
 
 namespace {
@@ -78,15 +79,20 @@ int esrdf_open(const char* bundle_dir, const char* backend, esrdf_handle** out, 
     *out = nullptr;
     require(bundle_dir != nullptr, "bundle_dir must not be NULL");
     esrdf::UpscalerOptions options;
-    options.backend = backend == nullptr ? "aoti" : backend;
+    options.backend = backend == nullptr ? "" : backend;
     auto handle = std::make_unique<esrdf_handle>();
     handle->upscaler = std::make_unique<esrdf::Upscaler>(bundle_dir, options);
+    handle->backend = handle->upscaler->backend_name();
     *out = handle.release();
   });
 }
 
 int esrdf_scale(const esrdf_handle* handle) {
   return handle == nullptr || handle->upscaler == nullptr ? 0 : handle->upscaler->scale();
+}
+
+const char* esrdf_backend(const esrdf_handle* handle) {
+  return handle == nullptr || handle->upscaler == nullptr ? "" : handle->backend.c_str();
 }
 
 int esrdf_upscale(esrdf_handle* handle, const uint8_t* rgb_in, int w, int h, int steps, const char* sampler,

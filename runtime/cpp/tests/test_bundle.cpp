@@ -1,6 +1,7 @@
 // The exported tiny bundle with AOTInductor packages (ESRDF_TEST_BUNDLE, set by tests/test_cpp_runtime.py):
-// it opens and upscales deterministically per seed, and a tampered or stale copy is refused with a code and
-// a message naming the file.
+// it opens and upscales deterministically per seed on every compiled-in CPU backend, and a tampered or stale
+// copy is refused with a code and a message naming the file.
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -35,9 +36,11 @@ std::vector<uint8_t> pattern(int w, int h) {
   return rgb;
 }
 
-void opens_and_upscales(const fs::path& bundle) {
-  esrdf::Upscaler upscaler(bundle.string());
-  CHECK(upscaler.backend_name() == "aoti" && upscaler.batch() > 0 && upscaler.tile() > 0);
+void opens_and_upscales(const fs::path& bundle, const std::string& backend) {
+  esrdf::UpscalerOptions options;
+  options.backend = backend;
+  esrdf::Upscaler upscaler(bundle.string(), options);
+  CHECK_MSG(upscaler.backend_name().rfind(backend, 0) == 0 && upscaler.batch() > 0 && upscaler.tile() > 0, backend);
   const auto rgb = pattern(12, 10);
   esrdf::SampleOptions opts;
   opts.steps = 3;
@@ -92,14 +95,17 @@ int main() {
   const char* source = std::getenv("ESRDF_TEST_BUNDLE");
   if (source == nullptr || !*source) return check::skip("ESRDF_TEST_BUNDLE is not set (tests/test_cpp_runtime.py sets it)");
   const auto backends = esrdf::available_backends();
-  if (std::find(backends.begin(), backends.end(), "aoti") == backends.end()) {
-    return check::skip("the aoti backend is not compiled in (Torch not found by CMake)");
-  }
+  const bool aoti = std::find(backends.begin(), backends.end(), "aoti") != backends.end();
+  const bool openvino = std::find(backends.begin(), backends.end(), "openvino") != backends.end();
+  if (!aoti && !openvino) return check::skip("no CPU backend compiled in (neither Torch nor OpenVINO found by CMake)");
   const fs::path copy = fs::temp_directory_path() / ("esrdf-bundle-test-" + std::to_string(::getpid()));
   fs::remove_all(copy);
   fs::copy(source, copy, fs::copy_options::recursive);
-  opens_and_upscales(copy);
-  refuses_tampering(copy);
+  if (openvino) opens_and_upscales(copy, "openvino");
+  if (aoti) {
+    opens_and_upscales(copy, "aoti");
+    refuses_tampering(copy);  // the aoti/ packages' hashes and provenance
+  }
   fs::remove_all(copy);
   return check::finish("test_bundle");
 }

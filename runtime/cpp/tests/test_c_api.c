@@ -1,5 +1,5 @@
 /* The C API from C: status names, argument checks, a missing bundle, the noise entry point, and (with
- * ESRDF_TEST_BUNDLE) a full upscale through the handle. */
+ * ESRDF_TEST_BUNDLE) a full upscale through a handle of the default backend and openvino by name. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,18 +37,44 @@ static void noise_is_reachable(void) {
   CHECK(esrdf_noise_field(9, 2, -1, 0, 4, 5, 3, a, err, sizeof err) == ESRDF_ERR_INVALID_ARGUMENT);
 }
 
+/* Where built with OpenVINO, its backend by name: bf16 opens or is refused for the CPU, bad options fail. */
+static void selects_openvino(const char* bundle) {
+  char err[512];
+  esrdf_handle* h = NULL;
+  int rc = esrdf_open(bundle, "openvino:bf16,threads=1", &h, err, sizeof err);
+  CHECK(rc == ESRDF_OK || rc == ESRDF_ERR_BACKEND_UNAVAILABLE);
+  if (rc == ESRDF_OK) CHECK(strcmp(esrdf_backend(h), "openvino:predictor=bf16,step=bf16,threads=1") == 0);
+  else CHECK(strstr(err, "openvino") != NULL && h == NULL);
+  esrdf_close(h);
+  h = NULL;
+  if (esrdf_open(bundle, "openvino:predictor=fp32,step=auto", &h, err, sizeof err) == ESRDF_OK) {
+    /* auto: bf16 where the CPU has it (as the bf16 open above found), else fp32 */
+    CHECK(strcmp(esrdf_backend(h), rc == ESRDF_OK ? "openvino:predictor=fp32,step=bf16"
+                                                   : "openvino:predictor=fp32,step=fp32") == 0);
+  }
+  esrdf_close(h);
+  h = NULL;
+  rc = esrdf_open(bundle, "openvino:fp64", &h, err, sizeof err);
+  CHECK((rc == ESRDF_ERR_INVALID_ARGUMENT || rc == ESRDF_ERR_BACKEND_UNAVAILABLE) && h == NULL);
+  CHECK(strstr(err, "fp64") != NULL);
+  rc = esrdf_open(bundle, "openvino:step=bf16,fast", &h, err, sizeof err);
+  CHECK((rc == ESRDF_ERR_INVALID_ARGUMENT || rc == ESRDF_ERR_BACKEND_UNAVAILABLE) && h == NULL);
+}
+
 static void upscales_through_a_handle(const char* bundle) {
   enum { W = 9, H = 7 };
   unsigned char rgb[W * H * 3];
   char err[512];
   esrdf_handle* h = NULL;
-  int i, rc = esrdf_open(bundle, "aoti", &h, err, sizeof err);
-  if (rc == ESRDF_ERR_BACKEND_UNAVAILABLE) return; /* built without libtorch */
+  int i, rc = esrdf_open(bundle, NULL, &h, err, sizeof err); /* the default backend */
+  if (rc == ESRDF_ERR_BACKEND_UNAVAILABLE) return;              /* built without OpenVINO and libtorch */
   CHECK(rc == ESRDF_OK);
   if (rc != ESRDF_OK) {
     fprintf(stderr, "%s\n", err);
     return;
   }
+  CHECK(strcmp(esrdf_backend(h), "openvino:predictor=fp32,step=fp32") == 0 || strcmp(esrdf_backend(h), "aoti") == 0);
+  CHECK(strcmp(esrdf_backend(NULL), "") == 0);
   {
     esrdf_handle* other = NULL;
     const int trt = esrdf_open(bundle, "tensorrt", &other, err, sizeof err);
@@ -75,7 +101,10 @@ int main(void) {
   const char* bundle = getenv("ESRDF_TEST_BUNDLE");
   checks_arguments();
   noise_is_reachable();
-  if (bundle != NULL && bundle[0] != '\0') upscales_through_a_handle(bundle);
+  if (bundle != NULL && bundle[0] != '\0') {
+    upscales_through_a_handle(bundle);
+    selects_openvino(bundle);
+  }
   if (failures) fprintf(stderr, "test_c_api: %d check(s) failed\n", failures);
   else printf("test_c_api: all checks passed\n");
   return failures ? 1 : 0;

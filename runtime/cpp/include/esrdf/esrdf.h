@@ -1,7 +1,7 @@
 // ESRDF C++ runtime: load an exported bundle and upscale images with the same algorithm as the Python
 // runtime (esrdf.runtime): predictor, N step-graph calls, fixed-shape tiles, smooth blending.
 //
-//   esrdf::Upscaler upscaler("bundle/", {.backend = "aoti"});
+//   esrdf::Upscaler upscaler("bundle/", {.backend = "openvino"});
 //   std::vector<uint8_t> hr = upscaler.upscale_rgb8(rgb, width, height, {.steps = 20, .seed = 7});
 //
 // The pieces are public too, so a service or a test can use them alone: the bundle reader (hash checks),
@@ -201,13 +201,21 @@ class Backend {
                     const float* coefs, const float* noise, float* x_prev) = 0;
 };
 
-std::vector<std::string> available_backends();  // compiled in: "aoti", "tensorrt"
+// Backends, by name:
+//   "openvino[:options]"  the bundle's fp32 ONNX graphs on OpenVINO's CPU plugin, fp32 or bf16 per graph:
+//                         "openvino" (= "openvino:fp32"), "openvino:bf16", "openvino:auto" (bf16 where
+//                         the CPU has it), "openvino:predictor=fp32,step=bf16"; ",threads=N" caps threads
+//   "aoti"                libtorch + the bundle's AOTInductor packages (esrdf-export --aoti), CPU fp32
+//   "tensorrt"            the bundle's TensorRT plans, the whole loop as one CUDA graph
+std::vector<std::string> available_backends();  // compiled in, of "openvino", "aoti", "tensorrt"
+std::string default_backend();  // "openvino" where OpenVINO was found at configure time, else "aoti"
+// An empty name opens default_backend().
 std::unique_ptr<Backend> open_backend(const Bundle& bundle, const std::string& name);
 
 // ---------------------------------------------------------------- the embeddable API
 
 struct UpscalerOptions {
-  std::string backend = "aoti";
+  std::string backend;  // empty: default_backend()
   int tile = -1;     // LR tile; -1: the backend's fixed tile, else the manifest's export.tile; 0: untiled
   int overlap = -1;  // LR pixels; -1: tile / 8 (as the Python Upscaler)
   int batch = -1;    // tiles per call; -1: the backend's fixed batch, else the manifest's export.batch

@@ -2,7 +2,7 @@
  *
  *   char err[512];
  *   esrdf_handle* h = NULL;
- *   if (esrdf_open("bundle/", "aoti", &h, err, sizeof err) != ESRDF_OK) { puts(err); return 1; }
+ *   if (esrdf_open("bundle/", NULL, &h, err, sizeof err) != ESRDF_OK) { puts(err); return 1; }
  *   uint8_t* out = malloc((size_t)w * esrdf_scale(h) * h_px * esrdf_scale(h) * 3);
  *   int rc = esrdf_upscale(h, rgb, w, h_px, 20, "ddim", 0.0, 7, out, err, sizeof err);
  *   esrdf_close(h);
@@ -40,8 +40,14 @@ typedef struct esrdf_handle esrdf_handle;
 /* Short name of a status, e.g. "ESRDF_ERR_HASH_MISMATCH"; never NULL. */
 const char* esrdf_status_name(int status);
 
-/* Open a bundle with a backend ("aoti" or "tensorrt"; NULL means "aoti"). Verifies every sha256. */
+/* Open a bundle with a backend: "openvino" (fp32), "openvino:bf16", "openvino:auto" (bf16 where the CPU
+ * has it), "openvino:predictor=fp32,step=bf16", "aoti" or "tensorrt"; NULL or "" means the library's default ("openvino" where it was built with
+ * OpenVINO, else "aoti"). Verifies every sha256. */
 int esrdf_open(const char* bundle_dir, const char* backend, esrdf_handle** out, char* err_buf, size_t err_len);
+
+/* The backend a handle runs, with its options spelled out (e.g. "openvino:predictor=fp32,step=bf16");
+ * "" for a NULL handle. Valid until the handle is closed. */
+const char* esrdf_backend(const esrdf_handle* handle);
 
 /* Scale factor of the bundle's model (output is scale*w x scale*h); 0 for a NULL handle. */
 int esrdf_scale(const esrdf_handle* handle);
