@@ -327,6 +327,12 @@ class CudaGraphSampler:
             self._load_plan(entry.bufs, plan)
             return self._run(entry)
 
+    def captured_graph(self, lr_shape: Sequence[int], plan: StepPlan, noise: NoiseMode = "device") -> Any:
+        """The captured graph of a key, or None (not captured, or on stream execution): benchmarks time
+        its replay alone, the GPU-only time of a request."""
+        entry = self._entries.get(ShapeKey.of(lr_shape, plan, noise))
+        return None if entry is None else entry.graph
+
     def clear(self) -> None:
         """Drop every graph with its buffers."""
         with self._lock:
