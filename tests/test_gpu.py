@@ -379,3 +379,25 @@ def test_device_noise_on_cuda_matches_the_numpy_field():
             # a float32 rounding only in a rare tie (esrdf.runtime.noise).
             assert np.mean(got[k, b] != want) <= 1e-6
             np.testing.assert_allclose(got[k, b], want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_upscaler_on_cuda_takes_uint8_and_matches_the_cpu_upscaler(tmp_path, photos):
+    """The public API on CUDA: uint8 in, uint8 out, device noise in the whole-loop graph; the graph equals
+    stream execution bit for bit and the CPU's Upscaler (numpy host noise) to within one uint8 level."""
+    from esrdf.bench.checkpoint_bundle import checkpoint_bundle
+    from esrdf.bench.random_model import random_checkpoint
+    from esrdf.bench.upscaler_requests import bundle_dir
+    from esrdf.config import SamplingOptions
+    from esrdf.runtime.upscaler import Upscaler
+
+    directory = bundle_dir(checkpoint_bundle(random_checkpoint(tmp_path / "ckpt", CFG)))
+    image = np.ascontiguousarray(photos["chelsea"][60:80, 100:130])  # 20x30: tiles of 8, overlap 2
+    options = SamplingOptions(steps=4, eta=1.0, seed=11)
+    kwargs = dict(backend="torch", precision="fp32", tile=8, overlap=2, batch=3)
+    graphed = Upscaler(directory, device="cuda", **kwargs)(image, options)
+    streamed = Upscaler(directory, device="cuda", cuda_graph=False, **kwargs)(image, options)
+    on_cpu = Upscaler(directory, device="cpu", **kwargs)(image, options)
+    assert graphed.dtype == np.uint8 and graphed.shape == (80, 120, 3)
+    assert np.array_equal(graphed, streamed)
+    assert np.abs(graphed.astype(int) - on_cpu.astype(int)).max() <= 1
