@@ -224,3 +224,23 @@ def _adoptable(rows: list[dict[str, Any]], batch: int) -> list[str]:
         if all(c["within_fp16_bar"] for c in row["batches"]) and base / ms >= ADOPT_SPEEDUP:
             adopt.append(row["variant"])
     return adopt
+
+
+def probe_table(part: dict[str, Any]) -> str:
+    """Markdown table of the probe's rows, with the variants to adopt."""
+    rows = part.get("rows", [])
+    if not rows:
+        return ""
+    lines = [
+        f"\nfp16 probe ({part.get('timing')}; adopt: {', '.join(part.get('adopt', [])) or 'none'})\n",
+        "| variant | batch | p50 ms | within fp16 bar | speed-up | note |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        note = r.get("skipped") or r.get("error") or ""
+        for c in r.get("batches", []) or [{"batch": "-", "p50_ms": "-", "within_fp16_bar": "-"}]:
+            lines.append(
+                f"| {r['variant']} | {c['batch']} | {c['p50_ms']} | {c['within_fp16_bar']} | "
+                f"{r.get('speedup', '-')} | {note} |"
+            )
+    return "\n".join(lines) + "\n"

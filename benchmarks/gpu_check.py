@@ -367,50 +367,15 @@ def merge_compile_probe(probe_part: dict[str, Any], compile_part: dict[str, Any]
 def summary(report: dict[str, Any]) -> str:
     """The benchmark's markdown tables (the CPU results' format), the checks, the Upscaler requests and the
     fp16 probe, or the status alone."""
+    from esrdf.bench.fp16_probe import probe_table
     from esrdf.bench.tables import checks_table, markdown_report
+    from esrdf.bench.upscaler_requests import upscaler_table
 
     if "latency" not in report and "upscaler" not in report:
         return str(report["status"])
     text = markdown_report(report) if "latency" in report else ""
     text += "\n" + checks_table(report["checks"]) + "\n" if report.get("checks") else ""
     return text + upscaler_table(report.get("upscaler", {})) + probe_table(report.get("fp16_probe", {}))
-
-
-def upscaler_table(part: dict[str, Any]) -> str:
-    rows = part.get("rows", [])
-    if not rows:
-        return ""
-    lines = [
-        "\nUpscaler requests (uint8 in, uint8 out; default sampling)\n",
-        "| backend | precision | batch | steps | end-to-end p50 ms | GPU-only p50 ms | ratio | vs eager |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        gpu = r.get("gpu_only", {}).get("p50_ms", "-")
-        lines.append(
-            f"| {r['backend']} | {r['precision']} | {r['batch']} | {r['sampling']['steps']} | "
-            f"{r['end_to_end']['p50_ms']} | {gpu} | {r.get('ratio', '-')} | {r.get('vs_eager_fp32', '-')} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def probe_table(part: dict[str, Any]) -> str:
-    rows = part.get("rows", [])
-    if not rows:
-        return ""
-    lines = [
-        f"\nfp16 probe ({part.get('timing')}; adopt: {', '.join(part.get('adopt', [])) or 'none'})\n",
-        "| variant | batch | p50 ms | within fp16 bar | speed-up | note |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        note = r.get("skipped") or r.get("error") or ""
-        for c in r.get("batches", []) or [{"batch": "-", "p50_ms": "-", "within_fp16_bar": "-"}]:
-            lines.append(
-                f"| {r['variant']} | {c['batch']} | {c['p50_ms']} | {c['within_fp16_bar']} | "
-                f"{r.get('speedup', '-')} | {note} |"
-            )
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,3 +137,22 @@ def eager_speedups(rows: list[dict[str, Any]], latency: list[dict[str, Any]]) ->
         ref = eager.get((row["batch"], row["sampling"]["steps"]))
         if ref is not None:
             row["vs_eager_fp32"] = round(ref / row["end_to_end"]["p50_ms"], 2)
+
+
+def upscaler_table(part: dict[str, Any]) -> str:
+    """Markdown table of the GPU check's "upscaler" part."""
+    rows = part.get("rows", [])
+    if not rows:
+        return ""
+    lines = [
+        "\nUpscaler requests (uint8 in, uint8 out; default sampling)\n",
+        "| backend | precision | batch | steps | end-to-end p50 ms | GPU-only p50 ms | ratio | vs eager |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        gpu = r.get("gpu_only", {}).get("p50_ms", "-")
+        lines.append(
+            f"| {r['backend']} | {r['precision']} | {r['batch']} | {r['sampling']['steps']} | "
+            f"{r['end_to_end']['p50_ms']} | {gpu} | {r.get('ratio', '-')} | {r.get('vs_eager_fp32', '-')} |"
+        )
+    return "\n".join(lines) + "\n"
