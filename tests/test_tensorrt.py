@@ -574,3 +574,32 @@ def test_tensorrt_graph_replay_is_bit_exact_with_stream_execution(trt_bundle, ph
     stream = CudaGraphSampler(engine, 3, 4, use_graphs=False).sample(lr, noises, plan)
     assert graphed.captures == 1
     assert np.array_equal(replays[0], stream) and np.array_equal(replays[1], stream)
+
+
+@pytest.mark.tensorrt
+def test_graphs_at_two_batches_of_one_dynamic_plan_replay_on_their_own_contexts(trt_bundle, photos):
+    """A graph captured at batch 1, then one at batch 3 on the same dynamic plan, then batch 1 replayed
+    again: each batch has its own execution context, so the first graph still equals stream execution."""
+    from esrdf.engines.cuda_graph import CudaGraphSampler
+    from esrdf.engines.tensorrt_engine import TensorRTEngine
+    from esrdf.runtime.noise import noise_field
+    from esrdf.runtime.sampling import plan_steps
+
+    bundle = load_bundle(trt_bundle)
+    engine = TensorRTEngine(bundle)
+    plan = plan_steps(bundle.manifest.schedule.array(), "ddim", 4, 0.0)
+
+    def inputs(batch: int) -> tuple[np.ndarray, np.ndarray]:
+        lr = photo_tiles(photos["coffee"], batch, 16)
+        fields = [[noise_field(5, k, 0, 64 * b, 64, 64) for b in range(batch)] for k in range(5)]
+        return lr, np.asarray(fields)
+
+    graphed, stream = CudaGraphSampler(engine, 3, 4), CudaGraphSampler(engine, 3, 4, use_graphs=False)
+    first = graphed.sample(*inputs(1), plan)
+    generation = engine.buffers_generation
+    graphed.sample(*inputs(3), plan)
+    again = graphed.sample(*inputs(1), plan)
+    assert ".b1-4-t" in engine.last_plans["step"] and graphed.captures == 2
+    assert engine.buffers_generation == generation  # no re-shape invalidated the batch-1 graph
+    want = stream.sample(*inputs(1), plan)
+    assert np.array_equal(first, want) and np.array_equal(again, want)
