@@ -14,15 +14,17 @@ events), at each batch:
     torch_compile            torch.compile of the U-Net, inside the graph; only with ``compile_guard_s`` left
 
 ``adopt`` lists the variants within the bar at every batch and at least ``ADOPT_SPEEDUP`` faster than the
-baseline at the largest batch. On the CPU (the GPU check's smoke run) the engine is fp32 and the calls are
-timed eagerly; torch.compile is not probed there. The variants are measurements, not defaults: adopting one
-is a change to ``esrdf.engines.torch_engine``.
+baseline at the largest batch; when two or more qualify (torch.compile aside), one more row measures them
+applied together (``a+b+...``), since speed-ups need not add up. On the CPU (the GPU check's smoke run)
+the engine is fp32 and the calls are timed eagerly; torch.compile is not probed there. The variants are
+measurements, not defaults: adopting one is a change to ``esrdf.engines.torch_engine``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -101,12 +103,19 @@ def hoist_time_projections(unet: nn.Module) -> int:
 
 @contextlib.contextmanager
 def applied(variant: str, engine: Any) -> Iterator[None]:
-    """``engine`` (a fresh ``TorchEngine``) with ``variant`` applied; process-wide flags restored after."""
+    """``engine`` (a fresh ``TorchEngine``) with ``variant`` applied (``a+b``: both); process-wide flags
+    restored after."""
+    with contextlib.ExitStack() as stack:
+        for name in variant.split("+"):
+            _apply(name, engine, stack)
+        yield
+
+
+def _apply(variant: str, engine: Any, stack: contextlib.ExitStack) -> None:
     unet = engine._step.unet
-    flags = contextlib.nullcontext()
     if variant == "cudnn_benchmark":
         cudnn = torch.backends.cudnn
-        flags = cudnn.flags(enabled=cudnn.enabled, benchmark=True, deterministic=False)  # type: ignore[assignment]
+        stack.enter_context(cudnn.flags(enabled=cudnn.enabled, benchmark=True, deterministic=False))
     elif variant == "channels_last":
         unet.to(memory_format=torch.channels_last)
     elif variant == "groupnorm_fp16":
@@ -117,8 +126,6 @@ def applied(variant: str, engine: Any) -> Iterator[None]:
         engine._step.unet = torch.compile(unet, dynamic=False)
     elif variant != "baseline":
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
-    with flags:
-        yield
 
 
 def one_step_graph(call: Callable[[], Any], device: torch.device, warmup: int = 2) -> Any:
@@ -150,8 +157,6 @@ def probe(
 ) -> dict[str, Any]:
     """Parity and one-step timing of each variant at each batch, and the ones to adopt."""
     from esrdf.engines.torch_engine import TorchEngine
-    from esrdf.export.parity import bar_failures, compare
-    from esrdf.runtime.tolerances import FP16_GRAPH
 
     cuda = device == "cuda"
     reference = TorchEngine(*copy.deepcopy(models()), device=device, precision="fp32")
@@ -159,36 +164,55 @@ def probe(
     want = {b: reference.download(reference.step(*_args(reference, f))) for b, f in feeds.items()}
     del reference
     rows: list[dict[str, Any]] = []
+    run = functools.partial(_run_variant, models, device, feeds, want, batches, repeats)
     for variant in variants:
-        row: dict[str, Any] = {"variant": variant}
-        rows.append(row)
         left = deadline - time.monotonic()
         if variant == "torch_compile" and (not cuda or left < compile_guard_s):
-            row["skipped"] = (
-                "CPU smoke run" if not cuda else f"{left:.0f} s left, under {compile_guard_s:.0f}"
-            )
-            continue
-        if left < 10:
-            row["skipped"] = f"time budget spent ({left:.0f} s left)"
-            continue
-        start = time.monotonic()
-        try:
-            engine = TorchEngine(
-                *copy.deepcopy(models()), device=device, precision="fp16" if cuda else "fp32"
-            )
-            with applied(variant, engine):
-                row["batches"] = [_measure(engine, feeds[b], want[b], b, cuda, repeats) for b in batches]
-            del engine
-        except Exception as exc:  # a variant that fails is a result, not the end of the probe
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-        row["seconds"] = round(time.monotonic() - start, 1)
-        for case in row.get("batches", []):
-            fails = bar_failures(compare(case.pop("out"), want[case["batch"]]), FP16_GRAPH, variant)
-            case["within_fp16_bar"], case["bar_failures"] = not fails, fails
+            why = "CPU smoke run" if not cuda else f"{left:.0f} s left, under {compile_guard_s:.0f}"
+            rows.append({"variant": variant, "skipped": why})
+        elif left < 10:
+            rows.append({"variant": variant, "skipped": f"time budget spent ({left:.0f} s left)"})
+        else:
+            rows.append(run(variant))
     adopt = _adoptable(rows, max(batches))
     if not cuda:  # fp32 eager CPU timings say nothing about fp16 CUDA kernels: correctness only
         return {"rows": rows, "adopt": [], "timing": "eager fp32 on the CPU (smoke run: nothing to adopt)"}
+    together = [v for v in adopt if v != "torch_compile"]
+    if len(together) >= 2 and deadline - time.monotonic() >= 10:  # do the adopted ones add up?
+        rows.append(run("+".join(together)))
+        _adoptable(rows, max(batches))  # its speed-up against the same baseline
     return {"rows": rows, "adopt": adopt, "timing": "one-step graph replay"}
+
+
+def _run_variant(
+    models: Callable[[], tuple[nn.Module, nn.Module]],
+    device: str,
+    feeds: dict[int, dict[str, np.ndarray]],
+    want: dict[int, np.ndarray],
+    batches: tuple[int, ...],
+    repeats: int,
+    variant: str,
+) -> dict[str, Any]:
+    """One variant on a fresh engine: its output against the fp32 reference and its time, per batch."""
+    from esrdf.engines.torch_engine import TorchEngine
+    from esrdf.export.parity import bar_failures, compare
+    from esrdf.runtime.tolerances import FP16_GRAPH
+
+    cuda = device == "cuda"
+    row: dict[str, Any] = {"variant": variant}
+    start = time.monotonic()
+    try:
+        engine = TorchEngine(*copy.deepcopy(models()), device=device, precision="fp16" if cuda else "fp32")
+        with applied(variant, engine):
+            row["batches"] = [_measure(engine, feeds[b], b, cuda, repeats) for b in batches]
+        del engine
+    except Exception as exc:  # a variant that fails is a result, not the end of the probe
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    row["seconds"] = round(time.monotonic() - start, 1)
+    for case in row.get("batches", []):
+        fails = bar_failures(compare(case.pop("out"), want[case["batch"]]), FP16_GRAPH, variant)
+        case["within_fp16_bar"], case["bar_failures"] = not fails, fails
+    return row
 
 
 def _args(engine: Any, feeds: dict[str, np.ndarray]) -> list[torch.Tensor]:
@@ -196,7 +220,7 @@ def _args(engine: Any, feeds: dict[str, np.ndarray]) -> list[torch.Tensor]:
 
 
 def _measure(
-    engine: Any, feeds: dict[str, np.ndarray], want: np.ndarray, batch: int, cuda: bool, repeats: int
+    engine: Any, feeds: dict[str, np.ndarray], batch: int, cuda: bool, repeats: int
 ) -> dict[str, Any]:
     args = _args(engine, feeds)
     out = engine.download(engine.step(*args))

@@ -12,7 +12,7 @@ depend on them), ``--lr-tile`` LR tiles (32: 128x128 output at 4x), predictor an
 
     eager              the eager PyTorch sampler, fp32 (how the paper's code runs the model)
     torch              runtime driver + torch engine, fp32, one engine call per step
-    torch-fp16         runtime driver + torch CUDA engine, fp16 weights (norms and update fp32)
+    torch-fp16         runtime driver + torch engine fp16: fp16 weights on CUDA, norms and update fp32
     torch-cuda-graph   the same engine, the whole loop of each batch in one CUDA graph
     tensorrt-graph     TensorRT fp16 plans + CUDA graph, where tensorrt and the export toolchain exist
 
