@@ -47,8 +47,9 @@ def request_image(photo: np.ndarray, batch: int, lr_tile: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(crops, axis=1))
 
 
-def gpu_only_timing(upscaler: Any, image: np.ndarray, warmup: int, repeats: int, max_seconds: float) -> Any:
-    """CUDA-event timing of the request's graph replay alone (see the module docstring)."""
+def same_request_sampler(upscaler: Any, image: np.ndarray) -> tuple[Any, np.ndarray, Any, np.ndarray]:
+    """A graph sampler of its own on the Upscaler's engine, run once on the request's tiles, plan and seed
+    with device noise: (sampler, LR tiles, plan, its HR tiles). On CUDA that call captured the graph."""
     from esrdf.engines.cuda_graph import CudaGraphSampler
 
     tile, scale = upscaler.tile, upscaler.scale
@@ -57,8 +58,14 @@ def gpu_only_timing(upscaler: Any, image: np.ndarray, warmup: int, repeats: int,
     tiles = np.stack([lr[:, :, b * tile : (b + 1) * tile] for b in range(batch)])
     offsets = np.array([(0, b * tile * scale) for b in range(batch)], dtype=np.int64)
     sampling, plan = upscaler.sampling(), upscaler.step_plan()
-    graphs = CudaGraphSampler(upscaler.engine, upscaler.manifest.channels, scale, "cuda")
-    graphs.sample_seeded(tiles, sampling.seed, offsets, plan)  # captures
+    device = getattr(upscaler.engine, "device", "cuda")
+    graphs = CudaGraphSampler(upscaler.engine, upscaler.manifest.channels, scale, device)
+    return graphs, tiles, plan, graphs.sample_seeded(tiles, sampling.seed, offsets, plan)
+
+
+def gpu_only_timing(upscaler: Any, image: np.ndarray, warmup: int, repeats: int, max_seconds: float) -> Any:
+    """CUDA-event timing of the request's graph replay alone (see the module docstring)."""
+    graphs, tiles, plan, _hr = same_request_sampler(upscaler, image)
     graph = graphs.captured_graph(tiles.shape, plan, "device")
     if graph is None:
         raise RuntimeError(f"the graph was not captured: {graphs.status()}")

@@ -165,3 +165,19 @@ def test_probe_variants_change_the_speed_not_the_step(astronaut: np.ndarray):
     with pytest.raises(ValueError, match="unknown variant"):
         with applied("fp8", TorchEngine(*copy.deepcopy(models))):
             pass
+
+
+def test_gpu_only_time_is_of_the_same_work_as_the_upscaler_request(base: Path, astronaut: np.ndarray):
+    """The GPU-only figure replays a graph of the request's own tiles, plan and seed: run as stream
+    execution on the CPU, that sampler's HR tiles are the Upscaler's image before clipping and uint8."""
+    from esrdf.bench.upscaler_requests import bundle_dir, request_image, same_request_sampler
+    from esrdf.runtime.upscaler import Upscaler
+
+    directory = bundle_dir(checkpoint_bundle(tiny_checkpoint(base)))
+    upscaler = Upscaler(directory, backend="torch", device="cpu", tile=8, overlap=0, batch=3)
+    image = request_image(astronaut, 3, 8)
+    assert image.shape == (8, 24, 3) and image.dtype == np.uint8
+    _graphs, tiles, _plan, hr = same_request_sampler(upscaler, image)
+    want = upscaler.upscale_array(tiles.transpose(1, 2, 0, 3).reshape(3, 8, 24))  # the same LR image
+    got = np.clip(np.concatenate(list(hr), axis=2), -1.0, 1.0)
+    assert np.array_equal(got, want)
