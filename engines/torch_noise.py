@@ -4,7 +4,8 @@ The numpy original hashes (seed, step, channel, y, x) with splitmix64 and turns 
 Box-Muller normal. Here the same integer hash runs on int64 tensors (torch has no uint64 arithmetic on CUDA;
 ``+``, ``*`` and ``^`` wrap identically in two's complement, and the right shifts are made logical), and it
 is broadcast over a (fields, tiles, channels, rows, cols) lattice, so a whole request's noise is one pass of
-about 60 elementwise kernels whatever N and B are, instead of ~70 small kernels per field and tile. Only
+about 60 elementwise kernels whatever N and B are, instead of ~70 small kernels per field and tile (very
+long requests, e.g. DDPM's 1000 steps, take a few passes, to bound the temporaries). Only
 tensor ops, no host sync: it is captured inside the CUDA graph of the sampler loop
 (``esrdf.engines.cuda_graph``) and re-run with a new seed and new tile offsets written into the same tensors.
 
@@ -23,6 +24,9 @@ import torch
 _U64 = 1 << 64
 _LOW32 = 0xFFFFFFFF
 _TWO_POW_M32 = 2.0**-32
+# Fields per pass are capped so the int64/float64 temporaries stay ~128 MiB each: DDPM's 1000 steps at
+# batch 8 would otherwise need several GiB of them at once (the float32 result itself is 4 bytes a value).
+MAX_PASS_ELEMENTS = 1 << 24
 
 
 def as_int64(value: int) -> int:
@@ -63,14 +67,15 @@ def noise_bits(
     height: int,
     width: int,
     channels: int = 3,
+    first_field: int = 0,
 ) -> torch.Tensor:
-    """int64 (K, B, C, h, w): the uint64 hash bits of fields 0..K-1 for B windows.
+    """int64 (K, B, C, h, w): the uint64 hash bits of fields ``first_field`` .. + K-1 for B windows.
 
     ``seed`` is a 0-d int64 tensor (``seed_tensor``); ``offsets`` int64 (2, B) holds each window's HR
     (y0, x0) in the padded full-image canvas.
     """
     device = seed.device
-    steps = torch.arange(num_fields, device=device, dtype=torch.int64)
+    steps = torch.arange(first_field, first_field + num_fields, device=device, dtype=torch.int64)
     h = _mix(_mix(seed) ^ steps)  # (K,)
     per_channel = _mix(h[:, None] ^ torch.arange(channels, device=device, dtype=torch.int64))  # (K, C)
     ys = offsets[0][:, None] + torch.arange(height, device=device, dtype=torch.int64)  # (B, h)
@@ -91,7 +96,14 @@ def noise_fields(
 
     Field 0 is x_T's unit noise, field k >= 1 the noise of the k-th update (the driver's order).
     """
-    bits = noise_bits(seed, num_fields, offsets, height, width, channels)
-    u1 = (_shr(bits, 32).double() + 0.5) * _TWO_POW_M32  # in (0, 1): log is finite
-    u2 = (bits & _LOW32).double() * _TWO_POW_M32  # in [0, 1)
-    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)).float()
+    batch = offsets.shape[1]
+    out = torch.empty((num_fields, batch, channels, height, width), dtype=torch.float32, device=seed.device)
+    per_pass = max(1, MAX_PASS_ELEMENTS // max(1, batch * channels * height * width))
+    for first in range(0, num_fields, per_pass):
+        count = min(per_pass, num_fields - first)
+        bits = noise_bits(seed, count, offsets, height, width, channels, first)
+        u1 = (_shr(bits, 32).double() + 0.5) * _TWO_POW_M32  # in (0, 1): log is finite
+        u2 = (bits & _LOW32).double() * _TWO_POW_M32  # in [0, 1)
+        del bits
+        out[first : first + count] = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+    return out

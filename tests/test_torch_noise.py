@@ -61,3 +61,13 @@ def test_seed_tensor_keeps_the_uint64_bits_and_refuses_the_rest():
         seed_tensor(2**64)
     with pytest.raises(ValueError, match="seed"):
         seed_tensor(-1)
+
+
+def test_long_requests_are_drawn_in_several_passes_with_the_same_values(monkeypatch):
+    from esrdf.engines import torch_noise
+
+    offsets = np.array([[0, 0], [32, 96]], dtype=np.int64)
+    want = numpy_fields(99, 7, offsets, 16, 16, 3)
+    monkeypatch.setattr(torch_noise, "MAX_PASS_ELEMENTS", 2 * 3 * 16 * 16 * 3)  # 3 fields a pass: 3 + 3 + 1
+    got = noise_fields(seed_tensor(99), 7, torch.from_numpy(offsets.T.copy()), 16, 16)
+    assert np.array_equal(got.numpy(), want)
