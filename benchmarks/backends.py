@@ -39,8 +39,8 @@ BACKENDS: dict[str, str] = {
     "eager": "eager PyTorch fp32: esrdf.diffusion.samplers (the paper code's procedure), no runtime",
     "torch": "runtime driver + torch engine, fp32 eager modules",
     "torch-bf16": "runtime driver + torch engine under CPU autocast bf16 (update fp32); CPU only",
-    "torch-fp16": "runtime driver + torch CUDA engine, fp16 weights (norms, update fp32); CUDA only",
-    "torch-cuda-graph": "torch CUDA engine fp16, whole sampler loop in one CUDA graph; CUDA only",
+    "torch-fp16": "runtime driver + torch engine fp16 (fp16 weights on CUDA; norms, update fp32); CUDA only",
+    "torch-cuda-graph": "torch engine fp16, whole sampler loop in one CUDA graph; CUDA only",
     "onnxruntime": "runtime driver + onnxruntime, fp32 graphs",
     "onnxruntime-fp16": "runtime driver + onnxruntime, mixed fp16 graphs (norms, softmax, update fp32)",
     "tensorrt-graph": "TensorRT fp16 plans, whole sampler loop in one CUDA graph; CUDA + tensorrt only",
@@ -291,9 +291,9 @@ def _open(
         _require(native, f"no native bf16 on this CPU ({evidence})")
         return EngineRunner(name, CpuBf16Engine(*models()), bundle, device, "bf16")
     if name in ("torch-fp16", "torch-cuda-graph"):
-        from esrdf.engines.torch_cuda_engine import TorchCudaEngine
+        from esrdf.engines.torch_engine import TorchEngine
 
-        engine = TorchCudaEngine(*models(), device=device, precision="fp16")
+        engine = TorchEngine(*models(), device=device, precision="fp16")
         sampler = _graph_sampler(engine, bundle, device) if name == "torch-cuda-graph" else None
         return EngineRunner(name, engine, bundle, device, "fp16", sampler)
     try:  # tensorrt-graph

@@ -1,6 +1,6 @@
 """The GPU check: the gpu/tensorrt-marked tests, then the latency benchmark on CUDA, into one JSON.
 
-    bash benchmarks/gpu_check.sh [--budget-s 420] [--repeats 20] [--skip-tests] ...
+    bash benchmarks/gpu_check.sh [--budget-s 450] [--repeats 20] [--skip-tests] ...
     python -m esrdf.bench.gpu_check ...            # the same, once the project is installed
 
 A thin command over ``esrdf.bench``: the latency part is ``esrdf.bench.suite.run_benchmark``, so GPU
@@ -12,14 +12,22 @@ depend on them), ``--lr-tile`` LR tiles (32: 128x128 output at 4x), predictor an
 
     eager              the eager PyTorch sampler, fp32 (how the paper's code runs the model)
     torch              runtime driver + torch engine, fp32, one engine call per step
-    torch-fp16         runtime driver + torch CUDA engine, fp16 weights (norms and update fp32)
+    torch-fp16         runtime driver + torch engine fp16: fp16 weights on CUDA, norms and update fp32
     torch-cuda-graph   the same engine, the whole loop of each batch in one CUDA graph
     tensorrt-graph     TensorRT fp16 plans + CUDA graph, where tensorrt and the export toolchain exist
 
 A request is host LR tiles to host HR tiles through the runtime driver (noise, predictor, N steps, c + x).
-The torch backends run from ``esrdf.bench.checkpoint_bundle`` (no export); TensorRT needs a real export.
-Then one request per batch and step count, same seed, checks graph replay against the driver's stream
-execution (bit-exact) and fp16 against fp32 (``end_to_end_fp16`` bar of ``esrdf.runtime.tolerances``).
+The torch backends run from ``esrdf.bench.checkpoint_bundle`` (no export); TensorRT needs a real export,
+and is built as static buckets, one per ``--batches`` entry (b1 and b8 by default). Then one request per
+batch and step count, same seed, checks graph replay against stream execution of the same graph sampler
+(bit-exact), device noise against the driver's host noise, and fp16 against fp32 (``end_to_end_fp16`` bar
+of ``esrdf.runtime.tolerances``).
+
+Besides the per-stage figures it times what users run (``esrdf.bench.upscaler_requests``): ``Upscaler``
+requests on CUDA, uint8 image in and out, device noise, the bundle's default sampling, with the ratio of
+end-to-end to GPU-only time at each batch (torch fp16, and TensorRT where present); and it probes eager-fp16
+speed-ups (``esrdf.bench.fp16_probe``), each checked against the fp16 bar and timed as a one-step graph
+replay, listing the ones to adopt; torch.compile runs last, only with ``--compile-guard-s`` left.
 A time guard trims repeats so the whole check stays under ``--budget-s``; each part records its error in
 the JSON instead of stopping the rest.
 
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -59,15 +68,17 @@ ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT / "out" / "gpu_check" / "photos.npz"
 PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "china", "flower")
 BACKENDS = ("eager", "torch", "torch-fp16", "torch-cuda-graph", "tensorrt-graph")
-GRAPH_PAIR = ("torch-cuda-graph", "torch-fp16")  # (graph replay, stream execution) of one engine kind
+GRAPH_PAIR = ("torch-cuda-graph", "torch-fp16")  # (graph replay + device noise, driver loop + host noise)
+STREAM_TWIN = "torch-cuda-graph, stream"  # the graph runner's sampler with use_graphs=False
 FP16_PAIRS = (("torch-fp16", "torch"), ("tensorrt-graph", "torch"))  # (fp16, fp32 reference)
 RESERVE_S = 20.0  # of the budget, kept for the consistency checks and the report
+UPSCALER_CASE_S = 6.0  # timed seconds per Upscaler case (end to end, then GPU-only)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "out" / "gpu_check"))
-    p.add_argument("--budget-s", type=float, default=420.0, help="whole-run time budget (seconds)")
+    p.add_argument("--budget-s", type=float, default=450.0, help="whole-run time budget (seconds)")
     p.add_argument("--tests-timeout-s", type=float, default=180.0)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
@@ -77,6 +88,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--preset", default="paper")
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--skip-tensorrt", action="store_true")
+    p.add_argument("--skip-probe", action="store_true", help="skip the eager-fp16 speed-up probe")
+    p.add_argument(
+        "--compile-guard-s",
+        type=float,
+        default=120.0,
+        help="probe torch.compile only with this much of the budget left (compiling cannot be interrupted)",
+    )
     p.add_argument(
         "--device",
         choices=("cuda", "cpu"),
@@ -155,8 +173,8 @@ def run_tests(out: Path, timeout_s: float) -> dict[str, Any]:
     return result
 
 
-def tensorrt_bundle(ckpt: Path, workdir: Path, lr_tile: int, max_batch: int) -> Bundle:
-    """Export the fp16 graphs (and torch weights) and build one dynamic TensorRT profile (batch 1..max)."""
+def tensorrt_bundle(ckpt: Path, workdir: Path, lr_tile: int, batches: tuple[int, ...]) -> Bundle:
+    """Export the fp16 graphs (and torch weights) and build one static TensorRT bucket per batch."""
     from esrdf.engines.tensorrt_build import build_engines_into_bundle
     from esrdf.export.bundle_writer import export_bundle
     from esrdf.runtime.bundle import load_bundle
@@ -164,7 +182,10 @@ def tensorrt_bundle(ckpt: Path, workdir: Path, lr_tile: int, max_batch: int) -> 
     path = export_bundle(
         ckpt, workdir / "bundle", precision="fp16", tile=lr_tile, batch=2, progress=False, parity_gate=False
     )
-    build_engines_into_bundle(path, tile=lr_tile, batch=max_batch, dynamic=True, opt_level=3)
+    for batch in sorted(set(batches)):
+        build_engines_into_bundle(
+            path, tile=lr_tile, batch=batch, opt_level=3, timing_cache_dir=workdir / "timing-cache"
+        )
     return load_bundle(path)
 
 
@@ -207,6 +228,13 @@ def consistency_checks(
     for name in dict.fromkeys([*GRAPH_PAIR, *(n for pair in FP16_PAIRS for n in pair)]):
         with contextlib.suppress(bk.BackendSkipped):
             runners[name] = bk.open_runner(name, bundle, options.device, options.threads, models)
+    graphed = runners.get(GRAPH_PAIR[0])
+    if isinstance(graphed, bk.EngineRunner):  # the same engine and graph sampler, as stream execution
+        from esrdf.engines.cuda_graph import CudaGraphSampler
+
+        manifest = bundle.manifest
+        stream = CudaGraphSampler(graphed.engine, manifest.channels, manifest.scale, "cuda", use_graphs=False)
+        runners[STREAM_TWIN] = dataclasses.replace(graphed, name=STREAM_TWIN, graph_sampler=stream)
     photo, _source = workload_photo()
     alphas_cumprod = bundle.manifest.schedule.array()
     checks: list[dict[str, Any]] = []
@@ -216,9 +244,12 @@ def consistency_checks(
             plan = plan_steps(alphas_cumprod, "ddim", steps, 0.0)
             out = {name: runner.request_call(lr, plan)() for name, runner in runners.items()}
             where = {"batch": batch, "steps": steps}
-            if set(GRAPH_PAIR) <= out.keys():
-                exact = bool(np.array_equal(out[GRAPH_PAIR[0]], out[GRAPH_PAIR[1]]))
+            if {GRAPH_PAIR[0], STREAM_TWIN} <= out.keys():
+                exact = bool(np.array_equal(out[GRAPH_PAIR[0]], out[STREAM_TWIN]))
                 checks.append({"check": "graph replay == stream (fp16)", **where, "bit_exact": exact})
+            if set(GRAPH_PAIR) <= out.keys():  # device noise (graph) against the driver's host noise
+                diff = float(np.max(np.abs(out[GRAPH_PAIR[0]] - out[GRAPH_PAIR[1]])))
+                checks.append({"check": "device noise vs host noise, max abs", **where, "max_abs": diff})
             for fp16, fp32 in FP16_PAIRS:
                 if fp16 in out and fp32 in out:
                     figures = compare(out[fp16], out[fp32])
@@ -234,7 +265,8 @@ def consistency_checks(
 
 
 def benchmark(args: argparse.Namespace, report: dict[str, Any], deadline: float) -> None:
-    """Random-weight checkpoint (and bundle), esrdf-bench's suite on it, then the consistency checks."""
+    """Random-weight checkpoint (and bundle), Upscaler requests, the fp16 probe, esrdf-bench's suite, the
+    consistency checks, then the torch.compile probe if time is left."""
     from esrdf.bench.checkpoint_bundle import checkpoint_bundle
     from esrdf.bench.random_model import random_checkpoint
     from esrdf.bench.suite import run_benchmark
@@ -248,24 +280,102 @@ def benchmark(args: argparse.Namespace, report: dict[str, Any], deadline: float)
         setup |= {"preset": args.preset, "checkpoint": str(ckpt), "lr_tile": args.lr_tile}
     if "setup" in report.get("errors", {}):
         return
+    torch_bundle = bundle
     if args.device == "cuda" and not args.skip_tensorrt and tensorrt_unavailable_reason() is None:
         with section(report, "tensorrt_setup"):
-            bundle = tensorrt_bundle(ckpt, workdir, args.lr_tile, max(int_list(args.batches)))
-    options = bench_options(args, bundle.root, ckpt, deadline - RESERVE_S - time.monotonic())
+            bundle = tensorrt_bundle(ckpt, workdir, args.lr_tile, int_list(args.batches))
+    upscaler_section(args, report, torch_bundle, bundle)
+    if not args.skip_probe:
+        with section(report, "fp16_probe") as probe_part:
+            probe_part |= run_probe(args, torch_bundle, ckpt, deadline, compile_too=False)
+    compile_slot = 0.0 if args.skip_probe or args.device != "cuda" else args.compile_guard_s
+    options = bench_options(args, bundle.root, ckpt, deadline - RESERVE_S - compile_slot - time.monotonic())
     with section(report, "bench"):
         report |= run_benchmark(options, log=lambda line: print(line, flush=True), bundle=bundle)
     with section(report, "consistency"):
         report["checks"] = consistency_checks(bundle, ckpt, options, args.lr_tile)
+    if "upscaler" in report and "latency" in report:
+        from esrdf.bench.upscaler_requests import eager_speedups
+
+        eager_speedups(report["upscaler"].get("rows", []), report["latency"])
+    if compile_slot and "fp16_probe" in report and "rows" in report["fp16_probe"]:
+        with section(report, "fp16_probe_compile") as part:
+            part |= run_probe(args, torch_bundle, ckpt, deadline, compile_too=True)
+            merge_compile_probe(report["fp16_probe"], part)
+
+
+def upscaler_section(
+    args: argparse.Namespace, report: dict[str, Any], torch_bundle: Bundle, bundle: Bundle
+) -> None:
+    """Upscaler requests: torch (fp16 on CUDA, fp32 on the CPU), and TensorRT fp16 where it was built."""
+    from esrdf.bench.latency import workload_photo
+    from esrdf.bench.upscaler_requests import bundle_dir, upscaler_cases
+
+    with section(report, "upscaler") as part:
+        photo, _source = workload_photo()
+        cuda = args.device == "cuda"
+        common = dict(batches=int_list(args.batches), lr_tile=args.lr_tile, photo=photo)
+        common |= dict(warmup=2 if cuda else 1, repeats=args.repeats, max_seconds=UPSCALER_CASE_S)
+        directory = bundle_dir(torch_bundle)
+        part["rows"] = upscaler_cases(directory, "torch", args.device, "fp16" if cuda else "fp32", **common)
+        if bundle is not torch_bundle:  # a TensorRT export with static buckets
+            part["rows"] += upscaler_cases(bundle.root, "tensorrt", "cuda", "fp16", **common)
+
+
+def run_probe(
+    args: argparse.Namespace, bundle: Bundle, ckpt: Path, deadline: float, compile_too: bool
+) -> dict[str, Any]:
+    """The eager-fp16 probe at ``--batches`` on the 20-step plan's first step; compile only if asked."""
+    from esrdf.bench import backends as bk
+    from esrdf.bench.fp16_probe import VARIANTS, probe
+    from esrdf.bench.latency import workload_photo
+    from esrdf.runtime.sampling import plan_steps
+
+    photo, _source = workload_photo()
+    plan = plan_steps(bundle.manifest.schedule.array(), "ddim", 20, 0.0)
+    if compile_too:
+        variants: tuple[str, ...] = ("baseline", "torch_compile")
+    elif args.device == "cuda":  # torch.compile comes last, with what is left of the budget
+        variants = tuple(v for v in VARIANTS if v != "torch_compile")
+    else:  # on the CPU the probe reports torch.compile as skipped
+        variants = VARIANTS
+    return probe(
+        lambda: bk.eager_models(bundle, ckpt),
+        bundle.manifest.scale,
+        plan,
+        photo,
+        args.device,
+        (max(int_list(args.batches)),)
+        if compile_too
+        else int_list(args.batches),  # one compile, not one a batch
+        args.lr_tile,
+        deadline,
+        repeats=args.repeats,
+        compile_guard_s=args.compile_guard_s if compile_too else 0.0,
+        variants=variants,
+    )
+
+
+def merge_compile_probe(probe_part: dict[str, Any], compile_part: dict[str, Any]) -> None:
+    """The torch.compile row (with its speed-up against that run's own baseline) joins the first probe."""
+    row = next((r for r in compile_part.get("rows", []) if r["variant"] == "torch_compile"), None)
+    if row is not None:
+        probe_part["rows"].append(row)
+        probe_part["adopt"] = [*probe_part["adopt"], *compile_part.get("adopt", [])]
 
 
 def summary(report: dict[str, Any]) -> str:
-    """The benchmark's markdown tables (the CPU results' format) and the checks, or the status alone."""
+    """The benchmark's markdown tables (the CPU results' format), the checks, the Upscaler requests and the
+    fp16 probe, or the status alone."""
+    from esrdf.bench.fp16_probe import probe_table
     from esrdf.bench.tables import checks_table, markdown_report
+    from esrdf.bench.upscaler_requests import upscaler_table
 
-    if "latency" not in report:
+    if "latency" not in report and "upscaler" not in report:
         return str(report["status"])
-    text = markdown_report(report)
-    return text + ("\n" + checks_table(report["checks"]) + "\n" if report.get("checks") else "")
+    text = markdown_report(report) if "latency" in report else ""
+    text += "\n" + checks_table(report["checks"]) + "\n" if report.get("checks") else ""
+    return text + upscaler_table(report.get("upscaler", {})) + probe_table(report.get("fp16_probe", {}))
 
 
 def main(argv: list[str] | None = None) -> int:

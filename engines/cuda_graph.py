@@ -1,26 +1,33 @@
-"""The whole sampler loop for a batch of tiles as one CUDA graph (docs/DESIGN.md section 3, "CUDA graphs").
+"""The whole sampler loop for a batch of tiles as one CUDA graph (README, "The GPU path").
 
 One request for a batch of LR tiles is (paper Section 3 with the residual formulation of Section 4)
 
-    c = predictor(lr);  x = z_0;  x = step(x, c, t_k, coefs_k, z_{k+1}) for k < N;  out = c + x
+    c = predictor(lr);  x = s z_0;  x = step(x, c, t_k, coefs_k, z_{k+1}) for k < N;  out = c + x
 
-which is 1 + N engine calls of fixed shapes. ``CudaGraphSampler`` captures all of it, for one shape key
-(batch, tile, steps, sampler, eta, noise mode), in one ``torch.cuda.CUDAGraph`` after a warm-up on a side
-stream, and replays it per request: the host copies the tiles and noise into the key's static buffers
-(the "copy-in"), one ``replay()`` runs predictor, N steps and ``c + x`` into a static output, and the host
-copies that out. Launch overhead drops from 1 + N engine calls (hundreds of kernels each) to one launch.
+(s: ``StepPlan.init_noise_std``, the x_T scale), which is 1 + N engine calls of fixed shapes.
+``CudaGraphSampler`` captures all of it, for one shape key (batch, tile, steps, sampler, eta, noise mode),
+in one ``torch.cuda.CUDAGraph`` after a warm-up on a side stream, and replays it per request.
+
+What the graph covers, and what it does not:
+- Inside: device noise (all N + 1 fields of all B tiles, ``esrdf.engines.torch_noise``), x_T's scale, the
+  predictor, the N steps and ``c + x`` into a static output. One ``replay()`` launches all of it.
+- Outside, in Python, per request: the copy-in of the LR tiles, the seed and the tiles' offsets (and, for
+  host noise, the fields) from pinned host staging buffers into the static device buffers, with
+  ``non_blocking`` copies on the stream; and the copy-out of the HR tiles into pinned staging, one
+  synchronise, then a numpy copy. Tiling, blending and the uint8 conversion stay in the runtime on the host.
 
 - Static buffers are allocated once per key and owned, with the graph, by one cache entry: evicting or
   reallocating them drops the graph, so a graph never outlives the buffers it was captured on. The
   engine's ``buffers_generation`` (TensorRT bumps it when it reallocates activation memory) is checked
   on every replay too.
-- Noise: ``noise="host"`` copies the N + 1 noise fields into a static buffer (the driver's noise, seeded
-  or injected: what makes parity tests exact); ``noise="device"`` draws them inside the graph with
-  ``torch_noise_field``, a torch port of ``esrdf.runtime.noise`` (same integer hash, bit for bit; the
-  float64 Box-Muller can differ from numpy's libm by an ulp, see that module), from a seed and the tiles'
-  offsets in static buffers, so nothing but the tiles crosses PCIe.
-- If capture fails, the capture is ended, a warning is logged, and that key runs as plain stream
-  execution (the same loop, eagerly) from then on.
+- Noise: a seeded request (the driver's ``SeededNoise``) draws its fields on the device from a seed and
+  the tiles' offsets, so nothing but the tiles crosses PCIe; injected noise (parity runs) is copied from the
+  host (``noise="host"``). Both give the same fields (``esrdf.engines.torch_noise``).
+- Captures are serialised process-wide (``torch.cuda.graph``'s capture empties the allocator cache and
+  synchronises), run on the warm-up's side stream with ``capture_error_mode="thread_local"``, so another
+  thread's CUDA calls cannot invalidate them. A failed capture is logged and counted (``status()``); that
+  request runs as stream execution and a later request retries, after 1, 2, 4, ... requests (at most
+  ``MAX_RETRY_INTERVAL``), so a transient failure does not leave the key 3x slower for good.
 - Replay is bit-exact with stream execution of the same loop on the same inputs (tests/test_gpu.py).
 
 Thread safety: one ``CudaGraphSampler`` per worker, each with its own engine. Its lock serialises
@@ -44,8 +51,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from esrdf.engines.torch_noise import as_int64, noise_fields
 from esrdf.runtime.driver import fixed_batches
 from esrdf.runtime.engine import BatchSampler, BatchSamplerFactory, Engine, NoiseFn, Tick
+from esrdf.runtime.noise import SeededNoise
 from esrdf.runtime.sampling import StepPlan
 from esrdf.runtime.tiling import Tile
 
@@ -54,67 +63,11 @@ log = logging.getLogger(__name__)
 NoiseMode = Literal["host", "device"]
 DEFAULT_WARMUP = 2  # cuDNN/cuBLAS/TensorRT finish lazy initialisation in the first call; 2 is margin
 DEFAULT_MAX_GRAPHS = 8
-
-# splitmix64 constants of esrdf.runtime.noise, as the int64 values with the same bits (torch has no uint64
-# arithmetic on CUDA; +, *, ^ wrap identically in two's complement, and the shifts below are made logical).
-_U64 = 1 << 64
-
-
-def _as_int64(value: int) -> int:
-    value %= _U64
-    return value - _U64 if value >= 1 << 63 else value
-
-
-_GAMMA = _as_int64(0x9E3779B97F4A7C15)
-_MUL1 = _as_int64(0xBF58476D1CE4E5B9)
-_MUL2 = _as_int64(0x94D049BB133111EB)
-
-
-def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
-    """Logical right shift of int64 holding uint64 bits (torch's >> is arithmetic)."""
-    return (z >> bits) & ((1 << (64 - bits)) - 1)
-
-
-def _mix(z: torch.Tensor) -> torch.Tensor:
-    """splitmix64's output function (``esrdf.runtime.noise._mix``) on int64 tensors."""
-    z = z + _GAMMA
-    z = (z ^ _shr(z, 30)) * _MUL1
-    z = (z ^ _shr(z, 27)) * _MUL2
-    return z ^ _shr(z, 31)
-
-
-def torch_noise_field(
-    seed: torch.Tensor,
-    step_index: int,
-    y0: torch.Tensor,
-    x0: torch.Tensor,
-    height: int,
-    width: int,
-    channels: int = 3,
-) -> torch.Tensor:
-    """float32 [B, C, h, w]: ``esrdf.runtime.noise.noise_field`` for B windows at (y0[b], x0[b]), in torch.
-
-    ``seed`` is a 0-d int64 tensor (the uint64 seed's bits, see ``seed_tensor``); ``y0``/``x0`` are int64
-    [B]. Only tensor ops, no host sync: it can be captured in a CUDA graph and re-run with new seeds and
-    offsets written into the same tensors.
-    """
-    device = seed.device
-    h = _mix(_mix(seed) ^ step_index)
-    per_channel = _mix(h ^ torch.arange(channels, device=device, dtype=torch.int64))  # (C,)
-    ys = y0[:, None] + torch.arange(height, device=device, dtype=torch.int64)[None, :]  # (B, h)
-    per_row = _mix(per_channel[None, :, None] ^ ys[:, None, :])  # (B, C, h)
-    xs = x0[:, None] + torch.arange(width, device=device, dtype=torch.int64)[None, :]  # (B, w)
-    bits = _mix(per_row[:, :, :, None] ^ xs[:, None, None, :])  # (B, C, h, w)
-    u1 = (_shr(bits, 32).double() + 0.5) * 2.0**-32
-    u2 = (bits & 0xFFFFFFFF).double() * 2.0**-32
-    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * np.pi * u2)).float()
-
-
-def seed_tensor(seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A uint64 seed as the 0-d int64 tensor with the same bits."""
-    if not 0 <= seed < _U64:
-        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-    return torch.tensor(_as_int64(seed), dtype=torch.int64, device=device)
+MAX_RETRY_INTERVAL = 64  # requests between capture retries of a key whose captures keep failing
+# One capture at a time in the process: a CUDA-graph capture is process-wide state in the driver and in
+# torch's allocator (its __enter__ synchronises and empties the cache), so two workers capturing at once
+# would corrupt each other. Module-level because that is the scope of what it guards.
+_CAPTURE_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -139,7 +92,8 @@ class ShapeKey:
 class StaticBuffers:
     """Device tensors a graph reads and writes at fixed addresses, plus pinned host staging for copies.
 
-    ``noise[0]`` is x_T, ``noise[k]`` the k-th update's noise (the driver's order). ``generation`` counts
+    ``noise[0]`` is x_T's unit noise, ``noise[k]`` the k-th update's (the driver's order; host-noise keys
+    only: device-noise keys hold ``seed`` and ``offsets`` instead). ``generation`` counts
     reallocations: a graph captured at another generation points at freed memory and must not replay.
     """
 
@@ -157,15 +111,18 @@ class StaticBuffers:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         k, c, s = self.key, self.channels, self.scale
         hr = (k.batch, c, k.lr_height * s, k.lr_width * s)
-        return {
+        shapes = {
             "lr": (k.batch, c, k.lr_height, k.lr_width),
-            "noise": (k.steps + 1, *hr),
             "t": (k.steps, k.batch),
             "coefs": (k.steps, k.batch, 3),
+            "init_std": (),
             "out": hr,
-            "seed": (),
-            "offsets": (2, k.batch),
         }
+        if k.noise == "host":
+            shapes["noise"] = (k.steps + 1, *hr)
+        else:
+            shapes |= {"seed": (), "offsets": (2, k.batch)}
+        return shapes
 
     def reallocate(self) -> None:
         """(Re)allocate every buffer; bumps ``generation``, which invalidates graphs captured before."""
@@ -179,6 +136,7 @@ class StaticBuffers:
         """Pinned host twin of a buffer, made on first use (device-noise keys never stage noise)."""
         if name not in self.staging:
             dev = self.tensors[name]
+            # Page-locked, so the copies are true async DMA and need no bounce through pageable memory.
             pinned = self.device.type == "cuda"
             self.staging[name] = torch.zeros(dev.shape, dtype=dev.dtype, pin_memory=pinned)
         return self.staging[name]
@@ -198,44 +156,39 @@ class StaticBuffers:
 
 
 def sampler_loop(engine: Engine, bufs: StaticBuffers) -> None:
-    """Predictor, N steps and c + x on the static buffers; the body that is captured or run eagerly."""
-    b = bufs.tensors
-    if bufs.key.noise == "device":
+    """Noise, predictor, N steps and c + x on the static buffers; the body that is captured or run eagerly."""
+    b, key = bufs.tensors, bufs.key
+    if key.noise == "device":  # (N+1, B, C, H, W) in one pass of a few dozen kernels
         _, _c, height, width = b["out"].shape
-        for k in range(bufs.key.steps + 1):
-            field_k = torch_noise_field(
-                b["seed"], k, b["offsets"][0], b["offsets"][1], height, width, bufs.channels
-            )
-            b["noise"][k].copy_(field_k)
+        noises = noise_fields(b["seed"], key.steps + 1, b["offsets"], height, width, bufs.channels)
+    else:
+        noises = b["noise"]
     coarse = engine.predictor(b["lr"])
-    x = b["noise"][0]
-    for k in range(bufs.key.steps):
-        x = engine.step(x, coarse, b["t"][k], b["coefs"][k], b["noise"][k + 1])
+    x = noises[0] * b["init_std"]  # x_T ~ N(0, s^2 I): s is the bundle's prior (1: the paper's N(0, I))
+    for k in range(key.steps):
+        x = engine.step(x, coarse, b["t"][k], b["coefs"][k], noises[k + 1])
     torch.add(coarse, x, out=b["out"])
 
 
 def capture_sampler_graph(engine: Engine, bufs: StaticBuffers, warmup: int = DEFAULT_WARMUP) -> Any:
-    """Warm up on a side stream, then capture ``sampler_loop`` into a CUDA graph; None (logged) on failure."""
-    try:
+    """Warm up on a side stream, then capture ``sampler_loop`` on that stream into a CUDA graph.
+
+    Raises what the capture raised (the caller reports it and retries later). Holds the process-wide
+    capture lock throughout, so no other thread captures, or warms up into a capture, meanwhile.
+    """
+    with _CAPTURE_LOCK:
         side = torch.cuda.Stream(bufs.device)
         side.wait_stream(torch.cuda.current_stream(bufs.device))
         with torch.cuda.stream(side):
             for _ in range(warmup):
                 sampler_loop(engine, bufs)
-        torch.cuda.current_stream(bufs.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # torch.cuda.graph ends the capture on the way out, also when the body raised.
-        with torch.cuda.graph(graph):
+        # torch.cuda.graph ends the capture on the way out, also when the body raised. thread_local: only
+        # this thread's unsafe CUDA calls (not another worker's) can invalidate the capture.
+        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
             sampler_loop(engine, bufs)
+        torch.cuda.current_stream(bufs.device).wait_stream(side)
         return graph
-    except Exception as exc:  # any failure: the request still runs, as stream execution
-        log.warning(
-            "CUDA graph capture failed for %s (%s: %s); running this shape as stream execution",
-            bufs.key,
-            type(exc).__name__,
-            exc,
-        )
-        return None
 
 
 @dataclass
@@ -243,7 +196,8 @@ class _Entry:
     bufs: StaticBuffers
     graph: Any = None
     captured_at: tuple[int, int] | None = None  # (buffers generation, engine buffers_generation)
-    stream_only: bool = False
+    failures: int = 0  # captures of this key that failed in a row
+    wait: int = 0  # requests to run as stream execution before the next capture attempt
 
 
 class CudaGraphSampler:
@@ -273,6 +227,8 @@ class CudaGraphSampler:
             raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
         self.warmup, self.max_graphs = warmup, max_graphs
         self.captures = 0  # graphs captured so far (tests and benchmarks read it)
+        self.capture_failures = 0  # failed captures so far, all keys
+        self.last_capture_error: str | None = None
         self._entries: OrderedDict[ShapeKey, _Entry] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -289,28 +245,63 @@ class CudaGraphSampler:
     def _generation(self, entry: _Entry) -> tuple[int, int]:
         return entry.bufs.generation, int(getattr(self.engine, "buffers_generation", 0))
 
+    def _capture(self, entry: _Entry) -> None:
+        """(Re)capture ``entry``'s graph; on failure log, count, and schedule a retry with back-off."""
+        entry.graph = None  # drop a stale graph before anything reallocates under it
+        try:
+            entry.graph = capture_sampler_graph(self.engine, entry.bufs, self.warmup)
+        except Exception as exc:  # any failure: this request still runs, as stream execution
+            entry.failures += 1
+            entry.wait = min(2 ** (entry.failures - 1), MAX_RETRY_INTERVAL)
+            self.capture_failures += 1
+            self.last_capture_error = f"{type(exc).__name__}: {exc}"
+            log.warning(
+                "CUDA graph capture failed for %s (%s); this request runs as stream execution, "
+                "retrying after %d more request(s)",
+                entry.bufs.key,
+                self.last_capture_error,
+                entry.wait,
+            )
+            return
+        entry.captured_at = self._generation(entry)
+        entry.failures = 0
+        self.captures += 1
+
     def _run(self, entry: _Entry) -> np.ndarray:
         with torch.no_grad():
-            if self.use_graphs and not entry.stream_only:
-                if entry.graph is None or entry.captured_at != self._generation(entry):
-                    entry.graph = None  # drop a stale graph before anything reallocates under it
-                    entry.graph = capture_sampler_graph(self.engine, entry.bufs, self.warmup)
-                    entry.captured_at = self._generation(entry)
-                    entry.stream_only = entry.graph is None
-                    self.captures += entry.graph is not None
+            if self.use_graphs:
+                stale = entry.graph is not None and entry.captured_at != self._generation(entry)
+                if entry.graph is None or stale:
+                    if entry.wait > 0:
+                        entry.wait -= 1
+                        entry.graph = None
+                    else:
+                        self._capture(entry)
                 if entry.graph is not None:
                     entry.graph.replay()
                     return entry.bufs.fetch_out()
             sampler_loop(self.engine, entry.bufs)
             return entry.bufs.fetch_out()
 
+    def status(self) -> dict[str, Any]:
+        """Captures, failed captures, the last capture error and the keys on stream execution (reports)."""
+        with self._lock:
+            waiting = [str(k) for k, e in self._entries.items() if e.graph is None and e.failures]
+        return {
+            "captures": self.captures,
+            "capture_failures": self.capture_failures,
+            "last_capture_error": self.last_capture_error,
+            "stream_only_keys": waiting,
+        }
+
     def _load_plan(self, bufs: StaticBuffers, plan: StepPlan) -> None:
         batch = bufs.key.batch
+        bufs.load("init_std", np.array(plan.init_noise_std, dtype=np.float32))
         bufs.load("t", np.repeat(plan.t[:, None], batch, axis=1))
         bufs.load("coefs", np.repeat(plan.coefs[:, None, :], batch, axis=1))
 
     def sample(self, lr_tiles: np.ndarray, noises: np.ndarray, plan: StepPlan) -> np.ndarray:
-        """(B, C, h, w) LR tiles and (N+1, B, C, sh, sw) noise (x_T first) -> (B, C, sh, sw) = c + x_0."""
+        """(B, C, h, w) LR tiles, (N+1, B, C, sh, sw) unit noise (x_T's first) -> (B, C, sh, sw) = c + x_0."""
         key = ShapeKey.of(lr_tiles.shape, plan, "host")
         with self._lock:
             entry = self._entry(key)
@@ -331,10 +322,16 @@ class CudaGraphSampler:
         with self._lock:
             entry = self._entry(key)
             entry.bufs.load("lr", lr_tiles)
-            entry.bufs.load("seed", np.array(_as_int64(seed), dtype=np.int64))
+            entry.bufs.load("seed", np.array(as_int64(seed), dtype=np.int64))
             entry.bufs.load("offsets", np.asarray(offsets, dtype=np.int64).T)
             self._load_plan(entry.bufs, plan)
             return self._run(entry)
+
+    def captured_graph(self, lr_shape: Sequence[int], plan: StepPlan, noise: NoiseMode = "device") -> Any:
+        """The captured graph of a key, or None (not captured, or on stream execution): benchmarks time
+        its replay alone, the GPU-only time of a request."""
+        entry = self._entries.get(ShapeKey.of(lr_shape, plan, noise))
+        return None if entry is None else entry.graph
 
     def clear(self) -> None:
         """Drop every graph with its buffers."""
@@ -344,14 +341,21 @@ class CudaGraphSampler:
     def batch_sampler(self, plan: StepPlan, noise: NoiseFn, tick: Tick) -> BatchSampler:
         """The driver's per-batch hook (``esrdf.runtime.engine.BatchSampler``) as graph replays.
 
-        It takes the driver's noise function (seeded or injected), so results equal the driver's own loop;
-        progress ticks come all at once after the replay (the graph runs the batch as one unit).
+        Seeded noise (``SeededNoise``) is drawn on the device from the seed and the tiles' offsets; any other
+        noise function (injected fields, parity runs) is evaluated on the host and copied. Either way the
+        result equals the driver's own loop. Progress ticks come all at once after the replay (the graph
+        runs the batch as one unit).
         """
 
         def sample(lr_tiles: np.ndarray, tiles: Sequence[Tile]) -> np.ndarray:
-            fields = range(plan.num_steps + 1)
-            noises = np.stack([np.stack([noise(k, tile) for tile in tiles]) for k in fields])  # (N+1, B, ...)
-            out = self.sample(lr_tiles, noises, plan)
+            if isinstance(noise, SeededNoise):
+                out = self.sample_seeded(lr_tiles, noise.seed, noise.offsets(tiles), plan)
+            else:
+                fields = range(plan.num_steps + 1)
+                noises = np.stack(
+                    [np.stack([noise(k, tile) for tile in tiles]) for k in fields]
+                )  # (N+1, B, ...)
+                out = self.sample(lr_tiles, noises, plan)
             for _ in range(plan.num_steps + 1):
                 tick()
             return out

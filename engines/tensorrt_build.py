@@ -5,12 +5,23 @@ See docs/DESIGN.md section 1, "Two graphs".
 Precision is decided in the ONNX: the fp16 graphs keep norms, softmax and the sampler update in fp32 (the
 step graph computes paper Eq. 5-7 with the update folded in). TensorRT therefore builds them *strongly
 typed*: it honours the graph's types instead of choosing its own. That is the only mode of TensorRT 11 and
-works from TensorRT 10, so no precision builder flag (BuilderFlag.FP16 is gone in 11) is ever set.
+works from TensorRT 10, so no precision builder flag (BuilderFlag.FP16 is gone in 11) is ever set. One flag is
+cleared: TF32, on by default, would let fp32 plans run fp32 convolutions and matmuls in TF32, which this
+project measured (on cuDNN, the same arithmetic) to move the step output ~10x past the fp32 bar.
+
+Plans are keyed by the TensorRT version as MAJOR.MINOR.PATCH (``version_key``; the C++ runtime builds the
+same string from the headers' NV_TENSORRT_MAJOR/MINOR/PATCH): the build number is not part of the key, and
+older manifests' 4-part keys compare by their first three parts.
 
 Each plan is saved with an ``EngineKey`` (TensorRT version, GPU name, SM, profile, precision, ONNX sha256)
 in the manifest; ``esrdf.engines.tensorrt_engine`` refuses a plan whose key does not match the machine.
 The timing cache is optional and keyed by GPU name + SM + TensorRT version, so it is never shared across
 GPU models (vs-mlrt keys its caches the same way; NVIDIA/TensorRT #2874 shows what path-keyed caches do).
+A cache TensorRT rejects (corrupt, or from another build) is replaced: that build runs with a fresh cache,
+says so, and writes the fresh one.
+
+Adding plans to a bundle takes a lock beside the bundle (``esrdf.atomic.file_lock``) and re-reads the
+manifest under it, so two builds running at once (say, two buckets) keep each other's rows.
 
 tensorrt and torch are imported inside the functions: this module imports on any machine, and
 ``tensorrt_unavailable_reason()`` says why the build cannot run here.
@@ -31,7 +42,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from esrdf.atomic import atomic_path, link_or_copy
+from esrdf.atomic import atomic_path, file_lock, link_or_copy
 from esrdf.runtime.bundle import (
     MANIFEST_NAME,
     Bundle,
@@ -99,6 +110,17 @@ def trt_logger() -> trt.ILogger:
     return trt.Logger(trt.Logger.WARNING)
 
 
+def version_key(version: str) -> str:
+    """A TensorRT version as a plan key: MAJOR.MINOR.PATCH (``"10.13.3.9"`` -> ``"10.13.3"``).
+
+    The same format as the C++ runtime's ``tensorrt_version_key`` (runtime/cpp/src/engine_keys.h).
+    """
+    parts = version.strip().split(".")
+    if len(parts) < 3 or not all(p.isdigit() for p in parts[:3]):
+        raise ValueError(f"not a TensorRT version (MAJOR.MINOR.PATCH[.BUILD]): {version!r}")
+    return ".".join(parts[:3])
+
+
 @dataclass(frozen=True)
 class MachineIdentity:
     """The parts of an ``EngineKey`` that the running machine determines."""
@@ -109,7 +131,7 @@ class MachineIdentity:
 
     @property
     def slug(self) -> str:
-        """File-name-safe GPU + SM + TensorRT tag, e.g. ``nvidia-h100-80gb-hbm3-sm90-trt10.13.0.35``."""
+        """File-name-safe GPU + SM + TensorRT tag, e.g. ``nvidia-h100-80gb-hbm3-sm90-trt10.13.0``."""
         gpu = re.sub(r"[^a-z0-9]+", "-", self.gpu_name.lower()).strip("-")
         return f"{gpu}-sm{self.compute_capability.replace('.', '')}-trt{self.tensorrt_version}"
 
@@ -123,7 +145,7 @@ def machine_identity(device_index: int | None = None) -> MachineIdentity:
     index = torch.cuda.current_device() if device_index is None else device_index
     props = torch.cuda.get_device_properties(index)
     return MachineIdentity(
-        tensorrt_version=str(trt.__version__),
+        tensorrt_version=version_key(str(trt.__version__)),
         gpu_name=str(props.name),
         compute_capability=f"{props.major}.{props.minor}",
     )
@@ -173,12 +195,51 @@ def timing_cache_path(cache_dir: str | os.PathLike[str], identity: MachineIdenti
     return Path(cache_dir) / f"esrdf-timing-{identity.slug}.cache"
 
 
+def clear_tf32_for_fp32(config: trt.IBuilderConfig, precision: str) -> bool:
+    """fp32 plans are IEEE fp32: clear BuilderFlag.TF32 (TensorRT's default is on). True if cleared."""
+    import tensorrt as trt
+
+    if precision != "fp32":
+        return False
+    config.clear_flag(trt.BuilderFlag.TF32)
+    return True
+
+
+def attach_timing_cache(config: trt.IBuilderConfig, timing_cache: Path) -> bool:
+    """Give the build the cache file's contents; if TensorRT rejects them, a fresh cache. True: accepted.
+
+    ``set_timing_cache`` returns False for a cache it will not use, and ``get_timing_cache`` would then be
+    None after the build: without a fresh cache a finished build would crash and lose its plan.
+    """
+    blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
+    # ignore_mismatch=False: TensorRT itself also refuses a cache from another device.
+    if config.set_timing_cache(config.create_timing_cache(blob), False):
+        return True
+    log.warning("TensorRT rejected the timing cache %s; building with a fresh one instead", timing_cache)
+    if not config.set_timing_cache(config.create_timing_cache(b""), False):
+        raise RuntimeError("TensorRT refused even a fresh timing cache")
+    return False
+
+
+def save_timing_cache(config: trt.IBuilderConfig, timing_cache: Path) -> bool:
+    """Write the build's timing cache atomically; False (logged) when TensorRT has none to give."""
+    cache = config.get_timing_cache()
+    if cache is None:
+        log.warning("TensorRT returned no timing cache after the build; %s is left as it was", timing_cache)
+        return False
+    timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(timing_cache, suffix=".tmp") as tmp:
+        tmp.write_bytes(bytes(cache.serialize()))
+    return True
+
+
 def build_serialized_engine(
     onnx_path: Path,
     spec: GraphSpec,
     profile: ShapeProfile,
     opt_level: int = DEFAULT_OPT_LEVEL,
     timing_cache: Path | None = None,
+    precision: str = "fp16",
 ) -> bytes:
     """Parse ``onnx_path`` into a strongly typed network and build a plan with one optimisation profile."""
     require_tensorrt()
@@ -193,22 +254,19 @@ def build_serialized_engine(
         raise BundleError(f"{onnx_path}: TensorRT's ONNX parser failed: {errors}")
     config = builder.create_builder_config()
     config.builder_optimization_level = int(opt_level)
+    clear_tf32_for_fp32(config, precision)
     trt_profile = builder.create_optimization_profile()
     for tensor in spec.inputs:
         shapes = [trt.Dims(list(tensor.shape(sizes))) for sizes in (profile.min, profile.opt, profile.max)]
         trt_profile.set_shape(tensor.name, *shapes)
     config.add_optimization_profile(trt_profile)
     if timing_cache is not None:
-        blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
-        # ignore_mismatch=False: TensorRT itself also refuses a cache from another device.
-        config.set_timing_cache(config.create_timing_cache(blob), False)
+        attach_timing_cache(config, timing_cache)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build {onnx_path.name} (see the TensorRT log above)")
     if timing_cache is not None:
-        timing_cache.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(timing_cache, suffix=".tmp") as tmp:
-            tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+        save_timing_cache(config, timing_cache)
     return bytes(serialized)
 
 
@@ -241,9 +299,8 @@ def build_role(
     graph = bundle.manifest.graph(role, precision)
     onnx_path = bundle.graph_path(role, precision)  # raises with a re-export hint when missing
     assert graph is not None
-    plan = build_serialized_engine(
-        onnx_path, graph_spec(role, bundle.manifest.channels), profile, opt_level, timing_cache
-    )
+    spec = graph_spec(role, bundle.manifest.channels)
+    plan = build_serialized_engine(onnx_path, spec, profile, opt_level, timing_cache, graph.precision)
     key = EngineKey(
         tensorrt_version=identity.tensorrt_version,
         gpu_name=identity.gpu_name,
@@ -275,25 +332,31 @@ def _supersedes(new: EngineEntry, old: EngineEntry) -> bool:
 
 
 def add_plans_to_bundle(bundle: Bundle, built: Sequence[BuiltPlan]) -> Manifest:
-    """Write ``built`` plans and their manifest rows into the bundle, atomically (temp dir, then rename)."""
-    new_entries = [b.entry for b in built]
-    kept = [e for e in bundle.manifest.engines if not any(_supersedes(n, e) for n in new_entries)]
-    dropped = {e.file for e in bundle.manifest.engines} - {e.file for e in kept}
-    manifest = dataclasses.replace(bundle.manifest, engines=[*kept, *new_entries])
-    new_files = {b.entry.file: b.plan for b in built}
+    """Write ``built`` plans and their manifest rows into the bundle, atomically (temp dir, then rename).
 
-    def build_fn(tmp: Path) -> Manifest:
-        for src in sorted(bundle.root.rglob("*")):
-            rel = src.relative_to(bundle.root)
-            skip = str(rel) in dropped or str(rel) in new_files or rel.name == MANIFEST_NAME
-            if src.is_file() and not skip:
-                link_or_copy(src, tmp / rel)  # unchanged files: graphs are hundreds of MB
-        for name, plan in new_files.items():
-            (tmp / name).write_bytes(plan)
-        write_manifest(tmp, manifest)
-        return manifest
+    Under the bundle's lock the manifest is read again, so rows another build added since ``bundle`` was
+    loaded are kept (only rows these plans supersede are dropped).
+    """
+    with file_lock(bundle.root):
+        current = load_bundle(bundle.root, verify=False)  # the plans' sha256s are checked on publishing
+        new_entries = [b.entry for b in built]
+        kept = [e for e in current.manifest.engines if not any(_supersedes(n, e) for n in new_entries)]
+        dropped = {e.file for e in current.manifest.engines} - {e.file for e in kept}
+        manifest = dataclasses.replace(current.manifest, engines=[*kept, *new_entries])
+        new_files = {b.entry.file: b.plan for b in built}
 
-    return write_bundle_atomically(bundle.root, build_fn, force=True)
+        def build_fn(tmp: Path) -> Manifest:
+            for src in sorted(current.root.rglob("*")):
+                rel = src.relative_to(current.root)
+                skip = str(rel) in dropped or str(rel) in new_files or rel.name == MANIFEST_NAME
+                if src.is_file() and not skip:
+                    link_or_copy(src, tmp / rel)  # unchanged files: graphs are hundreds of MB
+            for name, plan in new_files.items():
+                (tmp / name).write_bytes(plan)
+            write_manifest(tmp, manifest)
+            return manifest
+
+        return write_bundle_atomically(current.root, build_fn, force=True)
 
 
 def build_engines_into_bundle(

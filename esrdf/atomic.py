@@ -6,16 +6,27 @@ KeyboardInterrupt included, removes the temp file or folder, so a failed or inte
 nothing behind. Used by checkpoints, bundles, AOTInductor packages, Triton repositories, the VGG weight
 cache, TensorRT timing caches and output images.
 
+Replacing a folder is gapless where the kernel can swap two paths in one step (Linux renameat2 with
+RENAME_EXCHANGE, called through ctypes: the standard library has no binding); elsewhere it falls back to two
+renames with a moment in between where the target is missing. ``file_lock`` serialises read-modify-write
+updates of one target between processes (and threads: each holds its own open file).
+
 Standard library only: the runtime and the model package both use it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import functools
 import os
 import shutil
+import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -65,22 +76,74 @@ def staging_dir(target: str | os.PathLike[str]) -> Path:
     return tmp
 
 
-def publish_dir(tmp: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
-    """Rename the finished folder ``tmp`` to ``target``.
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # linux/fs.h
 
-    An existing ``target`` is first renamed aside to ``.<name>.old-XXXX``, then ``tmp`` is renamed in, then
-    the old folder is deleted. Between those two renames ``target`` does not exist for a moment: a reader
-    then finds no folder (and fails to open it), never a partial one. A process killed in that moment
-    leaves the previous folder complete under its ``.old-`` name, from where it can be renamed back.
+
+@functools.cache
+def _renameat2() -> Callable[..., int] | None:
+    """glibc's renameat2 (2.28+), or None where the platform has none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    func = getattr(libc, "renameat2", None)
+    if func is None:
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
+
+
+def exchange_paths(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Swap two existing paths in one atomic step; False where this system cannot (then nothing changed)."""
+    func = _renameat2()
+    if func is None:
+        return False
+    if func(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # old kernel, or a filesystem without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def publish_dir(tmp: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Rename the finished folder ``tmp`` to ``target``; a reader always finds the old or the new folder.
+
+    An existing ``target`` is swapped with ``tmp`` in one step (``exchange_paths``), then the old folder,
+    now at ``tmp``, is deleted. Where the swap is unavailable: ``target`` is renamed aside to
+    ``.<name>.old-XXXX``, ``tmp`` renamed in, the old folder deleted; between those two renames ``target``
+    is missing for a moment (a reader then fails to open it, never sees a partial one), and a process
+    killed there leaves the previous folder complete under its ``.old-`` name.
     """
     tmp, target = Path(tmp), Path(target)
     if not target.exists():
         tmp.rename(target)
         return
+    if exchange_paths(tmp, target):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     old = target.parent / f".{target.name}{OLD_TAG}{uuid.uuid4().hex[:8]}"
     target.rename(old)
     tmp.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def file_lock(target: str | os.PathLike[str]) -> Iterator[None]:
+    """Exclusive lock for updating ``target`` (a file or folder), held on ``.<name>.lock`` beside it.
+
+    flock: released by the kernel when the holder dies, so a crashed update never blocks the next one.
+    The lock file stays (removing it would race with a waiter that has opened it).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 @contextmanager

@@ -1,6 +1,6 @@
 """Checkpoints: a directory of strict JSON and safetensors files. Loading never unpickles.
 
-Layout of ``CKPT_DIR/`` (docs/DESIGN.md section 3)::
+Layout of ``CKPT_DIR/`` (docs/DESIGN.md section 1, "Checkpoint")::
 
     config.json                  ModelConfig.to_dict() (strict: unknown or missing keys are an error)
     model.safetensors            predictor.*, unet.* (raw weights), unet_ema.* (EMA of the U-Net)

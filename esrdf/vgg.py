@@ -6,7 +6,7 @@ layers (flax layout, kernels HWIO) and LPIPS v0.1's five linear layers. ``conver
 once, into a safetensors file in the user cache; ``esrdf-train vgg-weights`` is the command that calls it.
 
 The pickle is read with a restricted unpickler that can only rebuild numpy arrays: a checkpoint from a
-stranger must not be able to run code (docs/DESIGN.md section 3). torchvision does not import beside the CPU
+stranger must not be able to run code (docs/DESIGN.md section 1). torchvision does not import beside the CPU
 torch here, so ``VGG16Features`` is a plain-torch copy of ``torchvision.models.vgg16().features`` with the
 same module indices, hence the same state-dict keys (``features.0.weight`` ...).
 """

@@ -1,4 +1,4 @@
-"""Mixed-precision (fp16) variants of the exported graphs, decided in the ONNX (docs/DESIGN.md section 3).
+"""Mixed-precision (fp16) variants of the exported graphs, decided in the ONNX (docs/DESIGN.md section 1).
 
 Converted with onnxconverter-common's maintained ``convert_float_to_float16``; this module only decides
 which nodes stay fp32:

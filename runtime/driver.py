@@ -28,7 +28,7 @@ import numpy as np
 from esrdf.runtime.bundle import Manifest
 from esrdf.runtime.engine import BatchSampler, BatchSamplerFactory, Engine, NoiseFn, Tick
 from esrdf.runtime.graph_spec import PREDICTOR
-from esrdf.runtime.noise import noise_field
+from esrdf.runtime.noise import SeededNoise
 from esrdf.runtime.sampling import StepPlan
 from esrdf.runtime.tiling import Blender, Tile, TilePlan, plan_tiles
 
@@ -53,7 +53,7 @@ def _noise_source(
     """Noise for (index, tile): from the seeded counter-based field, or sliced from injected full fields."""
     th, tw = tiles.tile_height * scale, tiles.tile_width * scale
     if injected is None:
-        return lambda k, tile: noise_field(seed, k, tile.y0 * scale, tile.x0 * scale, th, tw, channels)
+        return SeededNoise(seed, scale, channels, th, tw)
     expected = (channels, tiles.padded_height * scale, tiles.padded_width * scale)
     if len(injected) != count or any(np.shape(f) != expected for f in injected):
         raise ValueError(f"injected_noise must be {count} fields (x_T and one per step) of shape {expected}")

@@ -1,7 +1,7 @@
 """Counter-based Gaussian noise: every value is a pure function of (seed, step, channel, y, x).
 
 Tiles of an image are sampled independently, yet their overlaps must see the same noise, or the blended
-result would depend on the tiling (docs/DESIGN.md section 3, "Tiles are cut from one full-image noise field").
+result would depend on the tiling (docs/DESIGN.md section 1, "Noise").
 Drawing each value from a hash of its global coordinates gives exactly that without ever materialising the
 N + 1 full-size fields, and the same algorithm is short enough to reproduce bit for bit in C++ or torch.
 
@@ -26,7 +26,12 @@ We hand-write the hash because numpy's Generator has no stateless per-coordinate
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
+
+from esrdf.runtime.tiling import Tile
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MUL1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -72,3 +77,30 @@ def noise_field(
     u1 = ((bits >> np.uint64(32)).astype(np.float64) + 0.5) * _TWO_POW_M32
     u2 = (bits & _LOW32).astype(np.float64) * _TWO_POW_M32
     return (np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class SeededNoise:
+    """The driver's noise of a seeded request: field ``k`` of a tile is the window of ``noise_field`` at the
+    tile's HR offsets. Unit variance: whoever makes x_T scales field 0 by ``StepPlan.init_noise_std``.
+
+    A named type rather than a closure so that a CUDA engine can recognise seeded noise and draw the very
+    same fields on the device (``esrdf.engines.torch_noise``) instead of copying them from the host;
+    injected noise (a parity run) stays a plain function and is copied.
+    """
+
+    seed: int
+    scale: int
+    channels: int
+    height: int  # HR tile size
+    width: int
+
+    def __call__(self, step_index: int, tile: Tile) -> np.ndarray:
+        y0, x0 = tile.y0 * self.scale, tile.x0 * self.scale
+        return noise_field(self.seed, step_index, y0, x0, self.height, self.width, self.channels)
+
+    def offsets(self, tiles: Sequence[Tile]) -> np.ndarray:
+        """int64 (B, 2): each tile's HR (y0, x0) in the padded canvas."""
+        return np.array([(t.y0 * self.scale, t.x0 * self.scale) for t in tiles], dtype=np.int64).reshape(
+            -1, 2
+        )

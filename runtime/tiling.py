@@ -1,4 +1,4 @@
-"""Fixed-shape tiles over an image of any size, and their smooth blend (docs/DESIGN.md section 3, "Tiling").
+"""Fixed-shape tiles over an image of any size, and their smooth blend (docs/DESIGN.md section 1, "Tiling").
 
 Every engine call sees the same LR tile shape, so one engine profile (and later one CUDA graph) serves any
 image. Tiles step by ``tile - overlap``; the last one is clamped to the edge, so it may overlap its

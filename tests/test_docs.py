@@ -14,6 +14,7 @@ DESIGN = ROOT / "docs" / "DESIGN.md"
 SOURCES = ("esrdf", "export", "engines", "runtime", "benchmarks", "tests")
 SUFFIXES = {".py", ".md", ".h", ".cpp", ".txt", ".sh"}
 CITATION = re.compile(r"docs/DESIGN\.md section (\d+)")
+NAMED = re.compile(r'docs/DESIGN\.md section (\d+), "([^"]+)"')
 BARE = re.compile(r"(?<![\w/])DESIGN\.md")
 
 
@@ -25,7 +26,12 @@ def _cited_files() -> list[Path]:
 
 
 def _sections() -> set[int]:
-    return {int(m) for m in re.findall(r"^## (\d+)\. ", DESIGN.read_text(encoding="utf-8"), re.M)}
+    return set(_section_texts())
+
+
+def _section_texts() -> dict[int, str]:
+    parts = re.split(r"^## (\d+)\. ", DESIGN.read_text(encoding="utf-8"), flags=re.M)
+    return {int(n): text for n, text in zip(parts[1::2], parts[2::2], strict=True)}
 
 
 def test_every_cited_section_exists() -> None:
@@ -47,3 +53,15 @@ def test_no_citation_of_a_design_file_outside_the_repo() -> None:
             if BARE.search(line.replace("docs/DESIGN.md", "")):
                 bare.append(f"{path.relative_to(ROOT)}:{line_no}")
     assert not bare, bare
+
+
+def test_a_named_part_is_in_the_cited_section() -> None:
+    """``docs/DESIGN.md section 1, "Tiling"`` must find a **Tiling** paragraph in section 1."""
+    texts = _section_texts()
+    wrong = [
+        f"{path.relative_to(ROOT)}: section {n}, {name!r}"
+        for path in _cited_files()
+        for n, name in NAMED.findall(path.read_text(encoding="utf-8", errors="replace"))
+        if f"**{name}" not in texts.get(int(n), "")
+    ]
+    assert not wrong, wrong

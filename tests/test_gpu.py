@@ -1,15 +1,17 @@
-"""The GPU path: the whole sampler loop in one CUDA graph, the fp16 torch CUDA engine, device noise.
+"""The GPU path: the whole sampler loop in one CUDA graph, the fp16 torch engine, device noise.
 
 gpu-marked tests need CUDA and skip with a reason elsewhere (``benchmarks/gpu_check.sh`` runs them). The
-unmarked tests check, on the CPU, the parts of ``esrdf.engines.cuda_graph`` that need no GPU: the torch
-port of the counter-based noise, shape keys, buffer generations, stream execution against the driver's
-loop, and the capture-failure fallback (a CPU build of torch cannot capture, a real failure).
+unmarked tests check, on the CPU, the parts of ``esrdf.engines.cuda_graph`` that need no GPU: shape keys,
+buffer generations, stream execution against the driver's loop (host and device noise, the x_T scale), and
+the capture-failure fallback and retry (a CPU build of torch cannot capture, a real failure). The noise
+port itself is tests/test_torch_noise.py.
 All inputs are crops of real photos; models are the ``tiny`` preset with seeded random weights.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 
 import numpy as np
@@ -20,21 +22,16 @@ from esrdf.bench.random_model import random_models
 from esrdf.config import preset
 from esrdf.diffusion.samplers import ddim_sample, unet_eps_fn
 from esrdf.diffusion.schedule import make_schedule
-from esrdf.engines.cuda_graph import (
-    CudaGraphSampler,
-    ShapeKey,
-    StaticBuffers,
-    capture_sampler_graph,
-    seed_tensor,
-    torch_noise_field,
-)
-from esrdf.engines.torch_cuda_engine import TorchCudaEngine
+from esrdf.engines.cuda_graph import CudaGraphSampler, ShapeKey, StaticBuffers, capture_sampler_graph
 from esrdf.engines.torch_engine import TorchEngine
+from esrdf.engines.torch_noise import noise_fields as torch_noise_fields
+from esrdf.engines.torch_noise import seed_tensor
 from esrdf.export.parity import bar_failures, compare
 from esrdf.runtime import driver
 from esrdf.runtime.bundle import FORMAT_VERSION, ExportSettings, Manifest, ScheduleEntry
-from esrdf.runtime.noise import noise_bits, noise_field
+from esrdf.runtime.noise import SeededNoise, noise_field
 from esrdf.runtime.sampling import StepPlan, plan_steps
+from esrdf.runtime.tiling import Tile
 from esrdf.runtime.tolerances import END_TO_END_FP16, END_TO_END_FP32, FP16_GRAPH
 
 CFG = preset("tiny")
@@ -90,31 +87,6 @@ def loop_by_engine_calls(
     return engine.download(coarse) + engine.download(x)
 
 
-# --- CPU: the noise port ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("seed", [0, SEED, 2**64 - 1])
-def test_torch_noise_port_reproduces_numpy_hash_bit_for_bit(seed):
-    offsets = np.array([[0, 0], [200, 3], [4096, 70001]], dtype=np.int64)
-    y0, x0 = torch.from_numpy(offsets[:, 0]), torch.from_numpy(offsets[:, 1])
-    for step in (0, 1, 37):
-        got = torch_noise_field(seed_tensor(seed), step, y0, x0, 48, 40, CHANNELS).numpy()
-        for b, (y, x) in enumerate(offsets):
-            want = noise_field(seed, step, int(y), int(x), 48, 40, CHANNELS)
-            # The hash is integer arithmetic (exact); float64 log/cos may differ from numpy's libm by an
-            # ulp, which changes the float32 result only in rare rounding ties.
-            assert np.mean(got[b] != want) <= 1e-3
-            assert np.max(np.abs(got[b] - want)) <= 4 * np.finfo(np.float32).eps * np.max(np.abs(want))
-    assert noise_bits(seed, 1, 0, 0, 2, 2, CHANNELS).dtype == np.uint64
-
-
-def test_seed_tensor_refuses_seeds_outside_uint64():
-    with pytest.raises(ValueError, match="seed"):
-        seed_tensor(2**64)
-    with pytest.raises(ValueError, match="seed"):
-        seed_tensor(-1)
-
-
 # --- CPU: shape keys, buffers, stream execution, fallback ------------------------------------------------
 
 
@@ -137,6 +109,8 @@ def test_reallocating_static_buffers_bumps_their_generation():
     bufs = StaticBuffers(ShapeKey(2, 8, 12, 3, "ddim", 0.0), CHANNELS, SCALE, torch.device("cpu"))
     assert bufs.tensors["noise"].shape == (4, 2, CHANNELS, 32, 48)
     assert bufs.tensors["coefs"].shape == (3, 2, 3)
+    device = StaticBuffers(ShapeKey(2, 8, 12, 3, "ddim", 0.0, "device"), CHANNELS, SCALE, torch.device("cpu"))
+    assert "noise" not in device.tensors and device.tensors["offsets"].shape == (2, 2)  # drawn, not copied
     first, before = bufs.generation, bufs.tensors["lr"]
     bufs.reallocate()
     assert bufs.generation == first + 1
@@ -169,13 +143,29 @@ def test_stream_execution_equals_the_drivers_engine_calls(
     want = loop_by_engine_calls(engine, lr, noises, plan)
     sampler = CudaGraphSampler(engine, CHANNELS, SCALE, device="cpu")
     assert np.array_equal(sampler.sample(lr, noises, plan), want)
-    # Device-drawn noise: the torch port of the same counter-based field.
-    np.testing.assert_allclose(sampler.sample_seeded(lr, SEED, offsets, plan), want, rtol=0, atol=1e-5)
+    # Device-drawn noise: the torch port of the same counter-based field, bit for bit.
+    assert np.array_equal(sampler.sample_seeded(lr, SEED, offsets, plan), want)
     with pytest.raises(ValueError, match="noises must be"):
         sampler.sample(lr, noises[:-1], plan)
 
 
-def test_failed_capture_ends_it_and_falls_back_with_one_warning(modules, alphas_cumprod, photos, caplog):
+def test_x_t_is_scaled_by_the_plans_init_noise_std_in_both_noise_modes(modules, alphas_cumprod, photos):
+    engine = TorchEngine(*modules, device="cpu")
+    plan = dataclasses.replace(plan_steps(alphas_cumprod, "ddim", 3, 0.0), init_noise_std=0.796)
+    lr = lr_tiles(photos["chelsea"], 2, 8, 8)
+    offsets = hr_offsets(2, 8, 8)
+    noises = noise_fields(plan, offsets, 8, 8)
+    scaled = noises.copy()
+    scaled[0] = noises[0] * np.float32(plan.init_noise_std)  # the matched prior's x_T, made on the host
+    want = loop_by_engine_calls(engine, lr, scaled, plan)
+    sampler = CudaGraphSampler(engine, CHANNELS, SCALE, device="cpu")
+    assert np.array_equal(sampler.sample(lr, noises, plan), want)
+    assert np.array_equal(sampler.sample_seeded(lr, SEED, offsets, plan), want)
+    unscaled = loop_by_engine_calls(engine, lr, noises, plan)
+    assert np.abs(want - unscaled).max() > 1e-2  # the scale really reaches x_T
+
+
+def test_failed_capture_is_reported_and_retried_on_later_requests(modules, alphas_cumprod, photos, caplog):
     engine = TorchEngine(*modules, device="cpu")
     plan = plan_steps(alphas_cumprod, "ddim", 2)
     lr = lr_tiles(photos["astronaut"], 2, 8, 8)
@@ -183,19 +173,33 @@ def test_failed_capture_ends_it_and_falls_back_with_one_warning(modules, alphas_
     want = loop_by_engine_calls(engine, lr, noises, plan)
 
     bufs = StaticBuffers(ShapeKey.of(lr.shape, plan), CHANNELS, SCALE, torch.device("cpu"))
-    with caplog.at_level(logging.WARNING, logger="esrdf.engines.cuda_graph"):
-        assert capture_sampler_graph(engine, bufs) is None  # a CPU build of torch cannot capture
-    assert "capture failed" in caplog.text
+    with pytest.raises((RuntimeError, AssertionError, ValueError)):
+        capture_sampler_graph(engine, bufs)  # a CPU build of torch cannot capture: the error reaches us
 
     sampler = CudaGraphSampler(engine, CHANNELS, SCALE, device="cpu")
     sampler.use_graphs = True  # make it try, as on a GPU whose capture fails
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="esrdf.engines.cuda_graph"):
-        first = sampler.sample(lr, noises, plan)
-        second = sampler.sample(lr, noises, plan)
-    assert np.array_equal(first, want) and np.array_equal(second, want)
-    assert sampler.captures == 0
-    assert caplog.text.count("capture failed") == 1  # the key stays on stream execution, no retry per call
+        outputs = [sampler.sample(lr, noises, plan) for _ in range(8)]
+    assert all(np.array_equal(out, want) for out in outputs)  # every request still answered, correctly
+    # Attempts at requests 1, 3, 6 (back-off 1, 2, 4 requests between them): retried, not given up on.
+    assert caplog.text.count("capture failed") == 3 == sampler.capture_failures
+    status = sampler.status()
+    assert status["captures"] == 0 and status["last_capture_error"] and len(status["stream_only_keys"]) == 1
+
+
+def test_seeded_requests_draw_device_noise_and_injected_ones_copy_host_noise(modules, alphas_cumprod, photos):
+    engine = TorchEngine(*modules, device="cpu")
+    plan = plan_steps(alphas_cumprod, "ddim", 2, 1.0)
+    lr = lr_tiles(photos["rocket"], 2, 8, 8)
+    seeded = SeededNoise(SEED, SCALE, CHANNELS, 8 * SCALE, 8 * SCALE)
+    sampler = CudaGraphSampler(engine, CHANNELS, SCALE, device="cpu")
+    tiles = [Tile(0, 0), Tile(0, 8)]
+    got = sampler.batch_sampler(plan, seeded, lambda: None)(lr, tiles)
+    injected = sampler.batch_sampler(plan, lambda k, tile: seeded(k, tile), lambda: None)(lr, tiles)
+    assert [k.noise for k in sampler._entries] == ["device", "host"]
+    assert np.array_equal(got, injected)
+    assert np.array_equal(seeded.offsets(tiles), hr_offsets(2, 8, 8))
 
 
 def test_graph_batch_sampler_is_a_drop_in_for_the_drivers_engine_calls(modules, alphas_cumprod, photos):
@@ -232,7 +236,8 @@ def test_graph_batch_sampler_is_a_drop_in_for_the_drivers_engine_calls(modules, 
     assert np.array_equal(got, want)
     # 12 tiles in batches of 5, 5, 2 (padded to 5): 3 replays, 4 ticks each, as the driver's loop counts.
     assert ticks == [(k, 12) for k in range(1, 13)]
-    assert list(graphs._entries) == [ShapeKey(5, 16, 16, 3, "ddim", 0.3)]  # one shape key: padded to 5
+    # One shape key (padded to 5), drawing the seeded noise on the device, equal to the host loop bit for bit.
+    assert list(graphs._entries) == [ShapeKey(5, 16, 16, 3, "ddim", 0.3, "device")]
 
 
 # --- GPU -------------------------------------------------------------------------------------------------
@@ -240,11 +245,11 @@ def test_graph_batch_sampler_is_a_drop_in_for_the_drivers_engine_calls(modules, 
 
 @pytest.fixture(scope="module")
 def cuda_engines(modules) -> dict[str, TorchEngine]:
-    # TorchEngine moves the modules it is given; copies keep the fixture's modules on the CPU for the
-    # eager reference.
+    # TorchEngine moves (and for fp16 halves) the modules it is given; copies keep the fixture's modules
+    # on the CPU in fp32 for the eager reference.
     return {
         "fp32": TorchEngine(*(copy.deepcopy(m) for m in modules), device="cuda", precision="fp32"),
-        "fp16": TorchCudaEngine(*modules, device="cuda", precision="fp16"),
+        "fp16": TorchEngine(*(copy.deepcopy(m) for m in modules), device="cuda", precision="fp16"),
     }
 
 
@@ -294,12 +299,19 @@ def test_reallocated_buffers_are_recaptured_never_replayed_stale(cuda_engines, a
 
 
 @pytest.mark.gpu
-def test_fp16_weights_engine_is_bit_identical_to_autocast_engine(modules, cuda_engines, photos):
-    autocast = TorchEngine(*(copy.deepcopy(m) for m in modules), device="cuda", precision="fp16")
+def test_fp16_engine_holds_fp16_weights_and_equals_an_fp32_weight_autocast_run(modules, cuda_engines, photos):
+    engine = cuda_engines["fp16"]
+    assert next(engine._step.unet.parameters()).dtype == torch.float16
+    norms = [m for m in engine._step.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.weight.dtype == torch.float32 for m in norms)  # norms stay fp32
+    # The weights autocast would cast on every call, cast once: an fp32-weight module under the same
+    # autocast gives the same output bit for bit.
+    reference = copy.deepcopy(modules[0]).cuda().float()
     lr = torch.from_numpy(lr_tiles(photos["astronaut"], 2, 16, 16)).cuda()
-    assert torch.equal(cuda_engines["fp16"].predictor(lr), autocast.predictor(lr))
-    assert next(cuda_engines["fp16"]._step.unet.parameters()).dtype == torch.float16
-    assert next(modules[1].parameters()).dtype == torch.float32  # the caller's modules are untouched
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+        want = reference(lr).float()
+    assert torch.equal(engine.predictor(lr).float(), want)
+    assert next(modules[1].parameters()).dtype == torch.float32  # the fixture's modules are untouched
 
 
 @pytest.mark.gpu
@@ -358,9 +370,34 @@ def test_end_to_end_graph_parity_with_the_eager_sampler_under_injected_noise(
 
 @pytest.mark.gpu
 def test_device_noise_on_cuda_matches_the_numpy_field():
-    offsets = torch.tensor([[0, 0], [512, 96]], device="cuda")
-    got = torch_noise_field(seed_tensor(SEED, "cuda"), 3, offsets[:, 0], offsets[:, 1], 64, 64).cpu().numpy()
-    for b, (y, x) in enumerate(offsets.tolist()):
-        want = noise_field(SEED, 3, y, x, 64, 64)
-        assert np.mean(got[b] != want) <= 1e-3
-        np.testing.assert_allclose(got[b], want, rtol=1e-6, atol=1e-6)
+    offsets = torch.tensor([[0, 512], [0, 96]], device="cuda")  # (2, B): y0s, x0s
+    got = torch_noise_fields(seed_tensor(SEED, "cuda"), 4, offsets, 64, 64).cpu().numpy()
+    for k in range(4):
+        for b, (y, x) in enumerate(offsets.T.tolist()):
+            want = noise_field(SEED, k, y, x, 64, 64)
+            # Integer hash exact; CUDA's float64 log/cos may differ from numpy's by an ulp, which can flip
+            # a float32 rounding only in a rare tie (esrdf.runtime.noise).
+            assert np.mean(got[k, b] != want) <= 1e-6
+            np.testing.assert_allclose(got[k, b], want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_upscaler_on_cuda_takes_uint8_and_matches_the_cpu_upscaler(tmp_path, photos):
+    """The public API on CUDA: uint8 in, uint8 out, device noise in the whole-loop graph; the graph equals
+    stream execution bit for bit and the CPU's Upscaler (numpy host noise) to within one uint8 level."""
+    from esrdf.bench.checkpoint_bundle import checkpoint_bundle
+    from esrdf.bench.random_model import random_checkpoint
+    from esrdf.bench.upscaler_requests import bundle_dir
+    from esrdf.config import SamplingOptions
+    from esrdf.runtime.upscaler import Upscaler
+
+    directory = bundle_dir(checkpoint_bundle(random_checkpoint(tmp_path / "ckpt", CFG)))
+    image = np.ascontiguousarray(photos["chelsea"][60:80, 100:130])  # 20x30: tiles of 8, overlap 2
+    options = SamplingOptions(steps=4, eta=1.0, seed=11)
+    kwargs = dict(backend="torch", precision="fp32", tile=8, overlap=2, batch=3)
+    graphed = Upscaler(directory, device="cuda", **kwargs)(image, options)
+    streamed = Upscaler(directory, device="cuda", cuda_graph=False, **kwargs)(image, options)
+    on_cpu = Upscaler(directory, device="cpu", **kwargs)(image, options)
+    assert graphed.dtype == np.uint8 and graphed.shape == (80, 120, 3)
+    assert np.array_equal(graphed, streamed)
+    assert np.abs(graphed.astype(int) - on_cpu.astype(int)).max() <= 1

@@ -226,7 +226,227 @@ def test_adding_plans_rewrites_the_bundle_atomically_and_keeps_other_engines(tmp
     assert sorted(files.values()) == [b"plan one, rebuilt", b"plan two"]
     assert len(list(root.glob("*.plan"))) == 2  # the superseded plan is gone
     assert (root / "torch" / "model.safetensors").read_bytes() == b"weights stand-in"
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle")]  # no temp dirs left
+    # No staging or old folders left; the lock file stays by design (esrdf.atomic.file_lock).
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".bundle")] == [".bundle.lock"]
+
+
+def test_concurrent_builds_keep_each_others_manifest_rows(tmp_path):
+    """Two builds that loaded the bundle before either wrote (two buckets at once) lose no row."""
+    import hashlib
+    import threading
+
+    root = tmp_path / "bundle"
+    write_bundle_atomically(root, lambda tmp: write_manifest(tmp, tiny_manifest()))
+    stale = load_bundle(root)  # both builds start from the manifest without engines
+    profiles = [ShapeProfile.static(b, 16, 4) for b in (1, 2, 4, 8)]
+
+    def add(profile: ShapeProfile) -> None:
+        payload = f"plan b{profile.max['batch']}".encode()
+        entry = dataclasses.replace(
+            engine_entry("step", HERE, profile, "a" * 64), sha256=hashlib.sha256(payload).hexdigest()
+        )
+        add_plans_to_bundle(stale, [BuiltPlan(entry=entry, plan=payload)])
+
+    threads = [threading.Thread(target=add, args=(p,)) for p in profiles]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    bundle = load_bundle(root, verify=True)
+    assert sorted(e.key.profile["max"]["batch"] for e in bundle.manifest.engines) == [1, 2, 4, 8]
+    assert sorted((root / e.file).read_bytes() for e in bundle.manifest.engines) == [
+        b"plan b1",
+        b"plan b2",
+        b"plan b4",
+        b"plan b8",
+    ]
+
+
+def test_plan_version_keys_are_major_minor_patch():
+    from esrdf.engines.tensorrt_build import version_key
+
+    # The same cases as runtime/cpp/tests/test_engine_keys.cpp (tensorrt_version_key, version_key).
+    assert version_key("10.13.3.9") == version_key("10.13.3") == "10.13.3"
+    assert version_key("11.1.0.12") == "11.1.0"
+    for bad in ("10.13", "ten.13.3", ""):
+        with pytest.raises(ValueError, match="MAJOR.MINOR.PATCH"):
+            version_key(bad)
+    # Plans keyed by an older manifest's 4-part string still match the 3-part key of this machine ...
+    profile = ShapeProfile.static(2, 16, 4)
+    old_row = engine_entry(
+        "step", dataclasses.replace(HERE, tensorrt_version="10.13.0.35"), profile, "a" * 64
+    )
+    assert key_mismatches(old_row.key, dataclasses.replace(HERE, tensorrt_version="10.13.0"), "a" * 64) == []
+    # ... and another patch release does not.
+    found = key_mismatches(old_row.key, dataclasses.replace(HERE, tensorrt_version="10.13.1"), "a" * 64)
+    assert found == ["TensorRT 10.13.0.35 (here 10.13.1)"]
+
+
+class FakeBuilderConfig:
+    """The IBuilderConfig calls the build makes around TF32 and the timing cache; it rejects caches whose
+    bytes are ``bad``, and returns no cache after the build when TensorRT had none attached."""
+
+    def __init__(self, bad: bytes = b"corrupt") -> None:
+        self.bad, self.cleared, self.attached = bad, [], []
+
+    def clear_flag(self, flag: object) -> None:
+        self.cleared.append(flag)
+
+    def create_timing_cache(self, blob: bytes) -> bytes:
+        return blob
+
+    def set_timing_cache(self, cache: bytes, ignore_mismatch: bool) -> bool:
+        if cache == self.bad:
+            return False
+        self.attached.append(cache)
+        return True
+
+    def get_timing_cache(self) -> object:
+        if not self.attached:
+            return None
+        return type("Cache", (), {"serialize": lambda _self: b"fresh timings"})()
+
+
+def test_a_rejected_timing_cache_is_replaced_by_a_fresh_one_and_said_so(tmp_path, caplog):
+    import logging
+
+    from esrdf.engines.tensorrt_build import attach_timing_cache, save_timing_cache
+
+    cache = tmp_path / "esrdf-timing.cache"
+    cache.write_bytes(b"corrupt")
+    config = FakeBuilderConfig()
+    with caplog.at_level(logging.WARNING, logger="esrdf.engines.tensorrt_build"):
+        assert attach_timing_cache(config, cache) is False
+    assert "rejected the timing cache" in caplog.text and config.attached == [b""]
+    assert save_timing_cache(config, cache) and cache.read_bytes() == b"fresh timings"
+    cache.write_bytes(b"good timings")
+    assert attach_timing_cache(FakeBuilderConfig(), cache) is True
+    assert save_timing_cache(FakeBuilderConfig(), cache) is False  # none to give: the file is kept
+    assert cache.read_bytes() == b"good timings"
+
+
+def test_fp32_plans_clear_tf32_and_fp16_plans_leave_the_flags(monkeypatch):
+    import sys
+    import types
+
+    from esrdf.engines.tensorrt_build import clear_tf32_for_fp32
+
+    fake_trt = types.SimpleNamespace(BuilderFlag=types.SimpleNamespace(TF32="TF32"))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt)
+    fp32, fp16 = FakeBuilderConfig(), FakeBuilderConfig()
+    assert clear_tf32_for_fp32(fp32, "fp32") and fp32.cleared == ["TF32"]
+    assert not clear_tf32_for_fp32(fp16, "fp16") and fp16.cleared == []
+
+
+class FakeContext:
+    """An IExecutionContext that records its shapes and runs; ``refuse`` makes set_input_shape fail."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.refuse, self.shapes, self.addresses, self.runs, self.memory = refuse, {}, {}, 0, None
+
+    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        if self.refuse:
+            return False
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name: str, address: int) -> None:
+        self.addresses[name] = address
+
+    def set_device_memory(self, address: int, size: int) -> None:
+        self.memory = (address, size)
+
+    def execute_async_v3(self, stream: int) -> bool:
+        self.runs += 1
+        return True
+
+
+class FakePlan:
+    """An ICudaEngine of the step graph contract; ``one_context_per_profile`` mimics a TensorRT that gives
+    a second context no profile."""
+
+    def __init__(self, one_context_per_profile: bool = False) -> None:
+        from esrdf.runtime.graph_spec import graph_spec
+
+        spec = graph_spec("step", 3)
+        self.names = [*spec.input_names, *spec.output_names]
+        self.num_io_tensors = len(self.names)
+        self.device_memory_size_v2 = 4096
+        self.contexts: list[FakeContext] = []
+        self.one_context_per_profile = one_context_per_profile
+
+    def get_tensor_name(self, i: int) -> str:
+        return self.names[i]
+
+    def create_execution_context(self, strategy: object = None) -> FakeContext:
+        self.contexts.append(FakeContext(refuse=self.one_context_per_profile and bool(self.contexts)))
+        return self.contexts[-1]
+
+
+def step_runner(plan: FakePlan, profile: ShapeProfile, monkeypatch, generation: list[int]):
+    import torch
+
+    from esrdf.engines import tensorrt_engine as te
+
+    monkeypatch.setattr(te, "_user_managed", lambda: "USER_MANAGED")
+    activations = te._SharedActivations(torch.device("cpu"), lambda: generation.append(1))
+    dtypes = dict.fromkeys(plan.names, torch.float32)
+    bump = lambda: generation.append(1)  # noqa: E731
+    return te._PlanRunner(plan, profile, "step", 3, torch.device("cpu"), activations, bump, dtypes)
+
+
+def step_inputs(batch: int, size: int):
+    import torch
+
+    hr = torch.zeros(batch, 3, size, size)
+    return {"x_t": hr, "cond": hr, "t": torch.zeros(batch), "coefs": torch.zeros(batch, 3), "noise": hr}
+
+
+def test_a_dynamic_plan_gets_one_context_per_shape_never_reshaped(monkeypatch):
+    import types
+
+    plan, generation = FakePlan(), []
+    runner = step_runner(plan, ShapeProfile.dynamic(8, 16, 4, 4), monkeypatch, generation)
+    stream = types.SimpleNamespace(cuda_stream=7)
+    for batch in (1, 8, 1, 8, 3):  # b1 captured, then b8, then b1 replayed: each keeps its own context
+        out = runner.run({"batch": batch, "height": 64, "width": 64}, step_inputs(batch, 64), stream)
+        assert tuple(out.shape) == (batch, 3, 64, 64)
+    assert len(plan.contexts) == 3 and [c.runs for c in plan.contexts] == [2, 2, 1]
+    assert [c.shapes["x_t"][0] for c in plan.contexts] == [1, 8, 3]  # each bound once, to its own shape
+    # All contexts share one activation block, and the I/O buffers: same addresses for every context.
+    assert len({c.memory for c in plan.contexts}) == 1 and plan.contexts[0].memory[1] >= 4096
+    assert len({c.addresses["x_t"] for c in plan.contexts}) == 1
+    assert len(generation) == 1  # the one activation allocation; no re-shape ever invalidated a graph
+
+
+def test_a_static_plan_pads_smaller_batches_into_its_one_context(monkeypatch):
+    import types
+
+    plan, generation = FakePlan(), []
+    runner = step_runner(plan, ShapeProfile.static(4, 16, 4), monkeypatch, generation)
+    for batch in (4, 1, 3):
+        out = runner.run(
+            {"batch": batch, "height": 64, "width": 64},
+            step_inputs(batch, 64),
+            types.SimpleNamespace(cuda_stream=7),
+        )
+        assert out.shape[0] == batch
+    assert len(plan.contexts) == 1 and plan.contexts[0].shapes["x_t"] == (4, 3, 64, 64)
+
+
+def test_one_context_per_profile_tensorrt_falls_back_to_reshaping_with_a_new_generation(monkeypatch, caplog):
+    import logging
+    import types
+
+    plan, generation = FakePlan(one_context_per_profile=True), []
+    runner = step_runner(plan, ShapeProfile.dynamic(8, 16, 4, 4), monkeypatch, generation)
+    stream = types.SimpleNamespace(cuda_stream=7)
+    with caplog.at_level(logging.WARNING, logger="esrdf.engines.tensorrt_engine"):
+        for batch in (1, 8, 8, 1):
+            runner.run({"batch": batch, "height": 64, "width": 64}, step_inputs(batch, 64), stream)
+    assert "refused a second execution context" in caplog.text and runner.reshaping
+    assert plan.contexts[0].runs == 4 and plan.contexts[0].shapes["x_t"][0] == 1
+    assert len(generation) == 1 + 2  # activations once, then each re-shape (b1 -> b8, b8 -> b1)
 
 
 # --- tensorrt --------------------------------------------------------------------------------------------
@@ -281,8 +501,17 @@ def test_a_plan_from_another_gpu_is_refused_with_the_rebuild_command(trt_bundle,
         TensorRTEngine(load_bundle(copy))
 
 
+def static_only(bundle_dir: Path, dest: Path) -> Path:
+    """A copy of the bundle that keeps only its static (b2) plans: batch 1 and 3 must pad or fail."""
+    shutil.copytree(bundle_dir, dest)
+    manifest = load_bundle(dest).manifest
+    static = [e for e in manifest.engines if e.key.profile["min"] == e.key.profile["max"]]
+    write_manifest(dest, dataclasses.replace(manifest, engines=static))
+    return dest
+
+
 @pytest.mark.tensorrt
-def test_fp16_engines_meet_the_fp16_bars_against_fp32_eager(trt_bundle, photos):
+def test_fp16_engines_meet_the_fp16_bars_against_fp32_eager(trt_bundle, photos, tmp_path):
     import torch
 
     from esrdf.engines.tensorrt_engine import TensorRTEngine
@@ -290,27 +519,42 @@ def test_fp16_engines_meet_the_fp16_bars_against_fp32_eager(trt_bundle, photos):
     from esrdf.export.parity import bar_failures, compare
 
     bundle = load_bundle(trt_bundle)
+    padded = TensorRTEngine(load_bundle(static_only(trt_bundle, tmp_path / "static")))
     trt_engine, eager = TensorRTEngine(bundle), TorchEngine.from_bundle(bundle, device="cuda")
     fails = []
+    # (engine, batch, the plan kind that must run): exact static, dynamic, and the static plan padded.
+    cases = [
+        (trt_engine, 2, "b2-t16"),
+        (trt_engine, 1, "b1-4-t"),
+        (trt_engine, 3, "b1-4-t"),
+        (padded, 1, "b2-t16"),
+    ]
     for name in ("astronaut", "coffee"):
-        for batch in (2, 1, 3):  # exact static, padded static, dynamic
+        for engine, batch, plan_kind in cases:
             lr = eager.upload(photo_tiles(photos[name], batch, 16))
             coarse = eager.predictor(lr)
             fails += bar_failures(
-                compare(trt_engine.download(trt_engine.predictor(lr)), eager.download(coarse)),
+                compare(engine.download(engine.predictor(lr)), eager.download(coarse)),
                 FP16_GRAPH,
-                f"predictor b{batch} {name}",
+                f"predictor b{batch} {name} ({plan_kind})",
             )
             x_t = torch.flip(coarse, dims=(-1,)) * 0.5
             t = torch.full((batch,), 120.0, device="cuda")
             coefs = torch.tensor([[0.98, -0.35, 0.12]], device="cuda").expand(batch, 3).contiguous()
             args = (x_t, coarse, t, coefs, torch.roll(coarse, 7, dims=-2))
             fails += bar_failures(
-                compare(trt_engine.download(trt_engine.step(*args)), eager.download(eager.step(*args))),
+                compare(engine.download(engine.step(*args)), eager.download(eager.step(*args))),
                 FP16_GRAPH,
-                f"step b{batch} {name}",
+                f"step b{batch} {name} ({plan_kind})",
+            )
+            assert all(f".{plan_kind}" in engine.last_plans[r] for r in ("predictor", "step")), (
+                engine.last_plans
             )
     assert not fails, fails
+    hr3 = torch.zeros(3, 3, 64, 64, device="cuda")
+    step3 = (hr3, hr3, torch.zeros(3, device="cuda"), torch.zeros(3, 3, device="cuda"), hr3)
+    with pytest.raises(ValueError, match="no step engine takes"):  # batch 3 exceeds the static b2 plan
+        padded.step(*step3)
 
 
 @pytest.mark.tensorrt
@@ -330,3 +574,32 @@ def test_tensorrt_graph_replay_is_bit_exact_with_stream_execution(trt_bundle, ph
     stream = CudaGraphSampler(engine, 3, 4, use_graphs=False).sample(lr, noises, plan)
     assert graphed.captures == 1
     assert np.array_equal(replays[0], stream) and np.array_equal(replays[1], stream)
+
+
+@pytest.mark.tensorrt
+def test_graphs_at_two_batches_of_one_dynamic_plan_replay_on_their_own_contexts(trt_bundle, photos):
+    """A graph captured at batch 1, then one at batch 3 on the same dynamic plan, then batch 1 replayed
+    again: each batch has its own execution context, so the first graph still equals stream execution."""
+    from esrdf.engines.cuda_graph import CudaGraphSampler
+    from esrdf.engines.tensorrt_engine import TensorRTEngine
+    from esrdf.runtime.noise import noise_field
+    from esrdf.runtime.sampling import plan_steps
+
+    bundle = load_bundle(trt_bundle)
+    engine = TensorRTEngine(bundle)
+    plan = plan_steps(bundle.manifest.schedule.array(), "ddim", 4, 0.0)
+
+    def inputs(batch: int) -> tuple[np.ndarray, np.ndarray]:
+        lr = photo_tiles(photos["coffee"], batch, 16)
+        fields = [[noise_field(5, k, 0, 64 * b, 64, 64) for b in range(batch)] for k in range(5)]
+        return lr, np.asarray(fields)
+
+    graphed, stream = CudaGraphSampler(engine, 3, 4), CudaGraphSampler(engine, 3, 4, use_graphs=False)
+    first = graphed.sample(*inputs(1), plan)
+    generation = engine.buffers_generation
+    graphed.sample(*inputs(3), plan)
+    again = graphed.sample(*inputs(1), plan)
+    assert ".b1-4-t" in engine.last_plans["step"] and graphed.captures == 2
+    assert engine.buffers_generation == generation  # no re-shape invalidated the batch-1 graph
+    want = stream.sample(*inputs(1), plan)
+    assert np.array_equal(first, want) and np.array_equal(again, want)

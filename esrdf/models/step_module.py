@@ -3,7 +3,7 @@
 They belong to the model package: ``esrdf.export`` traces them and ``esrdf.engines.torch_engine`` runs them,
 so both import them from here and neither imports the other.
 
-``StepModule`` is the U-Net with the sampler update folded in (docs/DESIGN.md section 3, "Step graph"):
+``StepModule`` is the U-Net with the sampler update folded in (docs/DESIGN.md section 1, "Two graphs"):
 
     out    = unet(concat[cond, x_t], t)                                       (paper Eq. 5-7)
     eps    = out, or converted from a v / x0 output                           (fp32, see below)

@@ -5,10 +5,23 @@
 
 namespace esrdf::detail {
 
+std::string tensorrt_version_key(int major, int minor, int patch) {
+  return std::to_string(major) + "." + std::to_string(minor) + "." + std::to_string(patch);
+}
+
+std::string version_key(const std::string& version) {
+  size_t dot = 0;
+  for (int dots = 0; dots < 3; ++dots) {  // the third dot ends MAJOR.MINOR.PATCH
+    dot = version.find('.', dots == 0 ? 0 : dot + 1);
+    if (dot == std::string::npos) return version;
+  }
+  return version.substr(0, dot);
+}
+
 std::string key_mismatches(const EngineKey& key, const MachineIdentity& here, const FileEntry* onnx_graph) {
   std::string found;
   auto add = [&](const std::string& what) { found += (found.empty() ? "" : "; ") + what; };
-  if (key.tensorrt_version != here.tensorrt_version) {
+  if (version_key(key.tensorrt_version) != version_key(here.tensorrt_version)) {
     add("TensorRT " + key.tensorrt_version + " (here " + here.tensorrt_version + ")");
   }
   if (key.gpu_name != here.gpu_name) add("GPU '" + key.gpu_name + "' (here '" + here.gpu_name + "')");

@@ -9,7 +9,7 @@
 namespace esrdf::detail {
 
 struct MachineIdentity {
-  std::string tensorrt_version;    // as Python's trt.__version__, e.g. "10.13.3.9"
+  std::string tensorrt_version;    // MAJOR.MINOR.PATCH (tensorrt_version_key), as Python's version_key
   std::string gpu_name;            // cudaDeviceProp::name
   std::string compute_capability;  // "major.minor"
 };
@@ -18,6 +18,14 @@ struct EnginePair {
   const EngineEntry* predictor = nullptr;
   const EngineEntry* step = nullptr;
 };
+
+// The plan key of a TensorRT version, MAJOR.MINOR.PATCH: "10.13.3" (esrdf.engines.tensorrt_build.version_key
+// makes the same string from trt.__version__; the build number is not part of the key).
+std::string tensorrt_version_key(int major, int minor, int patch);
+
+// A version string's key: its first three dot-separated parts ("10.13.3.9" -> "10.13.3"), so plans of older
+// manifests, keyed with four parts, still match; a string with fewer parts is returned as it is.
+std::string version_key(const std::string& version);
 
 // What differs between a plan's key and this machine + the bundle's ONNX graph; empty when usable.
 std::string key_mismatches(const EngineKey& key, const MachineIdentity& here, const FileEntry* onnx_graph);

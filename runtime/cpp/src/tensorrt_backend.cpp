@@ -1,6 +1,6 @@
 // The TensorRT backend (TensorRT 10 C++ API, CUDA runtime): the bundle's serialized plans, with each batch's
 // whole sampler loop (copy-in, predictor, N step calls, copy-out) replayed as one CUDA graph
-// (docs/DESIGN.md section 3, "CUDA graphs"). Built only when CMake finds TensorRT and the CUDA toolkit.
+// (docs/DESIGN.md section 1, "Driver"). Built only when CMake finds TensorRT and the CUDA toolkit.
 //
 // - Plans are picked like esrdf/engines/tensorrt_engine.py: the EngineKey (TensorRT version, GPU name, SM,
 //   ONNX sha256) must match this machine and the bundle; otherwise the error names the rebuild command.
@@ -50,9 +50,8 @@ Logger& logger() {
 MachineIdentity machine_identity(int device) {
   cudaDeviceProp props{};
   cuda_check(cudaGetDeviceProperties(&props, device), "cudaGetDeviceProperties");
-  // The same string as the Python module's trt.__version__, e.g. "10.13.3.9".
-  const std::string version = std::to_string(NV_TENSORRT_MAJOR) + "." + std::to_string(NV_TENSORRT_MINOR) + "." +
-                              std::to_string(NV_TENSORRT_PATCH) + "." + std::to_string(NV_TENSORRT_BUILD);
+  // The plan key's format, MAJOR.MINOR.PATCH, shared with the Python build (tensorrt_build.version_key).
+  const std::string version = tensorrt_version_key(NV_TENSORRT_MAJOR, NV_TENSORRT_MINOR, NV_TENSORRT_PATCH);
   return {version, props.name, std::to_string(props.major) + "." + std::to_string(props.minor)};
 }
 

@@ -78,7 +78,24 @@ void says_how_to_build_missing_plans() {
 
 }  // namespace
 
+// The same cases as tests/test_tensorrt.py::test_plan_version_keys_are_major_minor_patch.
+void version_keys_are_major_minor_patch() {
+  using esrdf::detail::tensorrt_version_key;
+  using esrdf::detail::version_key;
+  CHECK(tensorrt_version_key(10, 13, 3) == "10.13.3" && tensorrt_version_key(11, 1, 0) == "11.1.0");
+  CHECK(version_key("10.13.3.9") == "10.13.3" && version_key("10.13.3") == "10.13.3");
+  CHECK(version_key("11.1.0.12") == "11.1.0" && version_key("10.13") == "10.13");
+  // A plan keyed by an older manifest's 4-part string runs where the 3-part key matches, not elsewhere.
+  const auto b = bundle_with({engine("predictor", "fp16", "predictor-fp16-sha", kH100),
+                              engine("step", "fp16", "step-fp16-sha", kH100)});
+  const MachineIdentity same{tensorrt_version_key(10, 13, 3), kH100.gpu_name, kH100.compute_capability};
+  CHECK(select_engines(b, same).step == &b.manifest.engines[1]);
+  const MachineIdentity patch{tensorrt_version_key(10, 13, 4), kH100.gpu_name, kH100.compute_capability};
+  CHECK_ERROR(select_engines(b, patch), esrdf::ErrorCode::kStale, "TensorRT 10.13.3.9 (here 10.13.4)");
+}
+
 int main() {
+  version_keys_are_major_minor_patch();
   picks_matching_fp16_plans();
   refuses_stale_plans_naming_the_difference();
   falls_back_to_fp32_plans();
