@@ -179,17 +179,25 @@ def ship_checkpoint(diffusion_dir: Path, target: Path) -> Path:
     state, floating-point tensors stored in fp16 to fit the package budget.
 
     Loading upcasts them: ``load_state_dict`` copies into the fp32 parameters the config builds. The bundle
-    is exported from this fp16-rounded checkpoint, so checkpoint and bundle are the same model.
+    is exported from this fp16-rounded checkpoint, so checkpoint and bundle are the same model. The
+    recommended sampling (``RECOMMENDED_SAMPLING``) goes with it as ``sampling.json``.
     """
     from safetensors.torch import save_file
 
-    from esrdf.checkpoint import MODEL_FILE, load_checkpoint, read_tensors, save_checkpoint
+    from esrdf.checkpoint import (
+        MODEL_FILE,
+        load_checkpoint,
+        read_tensors,
+        save_checkpoint,
+        write_sampling_defaults,
+    )
 
     loaded = load_checkpoint(diffusion_dir)  # unet holds the EMA weights when the checkpoint has them
     save_checkpoint(target, loaded.config, loaded.predictor, loaded.unet, overwrite=True)
     file = target / MODEL_FILE
     tensors = {k: v.half() if v.is_floating_point() else v for k, v in read_tensors(file).items()}
     save_file(tensors, str(file))
+    write_sampling_defaults(target, RECOMMENDED_SAMPLING)  # the export writes them into the bundle
     return target
 
 
