@@ -351,6 +351,7 @@ class CudaGraphSampler:
         def sample(lr_tiles: np.ndarray, tiles: Sequence[Tile]) -> np.ndarray:
             fields = range(plan.num_steps + 1)
             noises = np.stack([np.stack([noise(k, tile) for tile in tiles]) for k in fields])  # (N+1, B, ...)
+            noises[0] *= np.float32(plan.init_noise_std)  # x_T's prior std, as the driver's initial_noise
             out = self.sample(lr_tiles, noises, plan)
             for _ in range(plan.num_steps + 1):
                 tick()

@@ -367,11 +367,18 @@ def _notice_no_sampling(root: Path, manifest: Manifest) -> None:
     """One line per load of a bundle without a sampling section: what runs instead, and how to renew it."""
     s = SamplingOptions().resolve(manifest.schedule.timesteps)
     std = init_noise_std(manifest.schedule.array(), s.prior)
+    hint = _reexport_hint(root, manifest, _precision_of(manifest))
     log.warning(
         "%s: the manifest has no sampling defaults (exported before they were recorded); using the built-in "
         "ones: %s, %d steps, eta %g, %s prior (x_T std %.4f); %s",
-        root, s.sampler, s.steps, s.eta, s.prior, std, _reexport_hint(root, manifest),
+        root, s.sampler, s.steps, s.eta, s.prior, std, hint,
     )  # fmt: skip
+
+
+def _precision_of(manifest: Manifest) -> str:
+    """The --precision that re-exports what the bundle holds: its one graph precision, or both."""
+    found = {g.precision for g in manifest.graphs}
+    return str(next(iter(found))) if len(found) == 1 else "both"
 
 
 def _check_graph_contracts(root: Path, manifest: Manifest) -> None:
