@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from esrdf.config import PRIORS, ModelConfig, SamplingOptions, UNetConfig, preset
+from esrdf.cli.sampling import sampling_options
+from esrdf.config import ModelConfig, SamplingOptions, UNetConfig, preset
 from esrdf.default_model import RECOMMENDED_SAMPLING
 from esrdf.default_model.goals import Goal, check_goals
 
@@ -267,16 +268,13 @@ def train_command(out: Path | None, predictor_steps: int, diffusion_steps: int, 
 )
 @click.option("--photos", type=click.Path(path_type=Path), default=None, help="[--out/held_out]")
 @_OUT
-@click.option("--steps", type=click.IntRange(min=1), default=RECOMMENDED_SAMPLING.steps, show_default=True)
-@click.option("--eta", type=click.FloatRange(0.0, 1.0), default=RECOMMENDED_SAMPLING.eta, show_default=True)
-@click.option("--prior", type=click.Choice(PRIORS), default=RECOMMENDED_SAMPLING.prior, show_default=True)
-def evaluate_command(
-    ckpt: Path, photos: Path | None, out: Path | None, steps: int, eta: float, prior: str
-) -> None:
-    """Score the model on the held-out photos (DDIM, the bundle's default sampling unless told otherwise):
-    mean scores per method, then each quality goal of MODEL_CARD.md, met or missed."""
+@sampling_options("the checkpoint's sampling.json", seed=False)
+def evaluate_command(ckpt: Path, photos: Path | None, out: Path | None, sampling: SamplingOptions) -> None:
+    """Score the model on the held-out photos (seed 0; the checkpoint's sampling.json, which the shipped
+    bundle also records, unless told otherwise): mean scores per method, then each quality goal of
+    MODEL_CARD.md, met or missed."""
     out = out or default_state_dir()
-    sampling = dataclasses.replace(RECOMMENDED_SAMPLING, steps=steps, eta=eta, prior=prior, seed=0)
+    sampling = dataclasses.replace(sampling, seed=0)
     report_path = out / "eval.json"
     means, goals = evaluate_default_model(ckpt, photos or out / "held_out", sampling, report_path)
     click.echo(json.dumps(means, indent=2))
