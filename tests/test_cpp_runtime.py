@@ -296,6 +296,8 @@ def test_example_program_upscales_a_png(
             "3",
             "--eta",
             "1.0",
+            "--prior",
+            "paper",
             "--seed",
             "5",
         ],
@@ -304,7 +306,10 @@ def test_example_program_upscales_a_png(
     )
     assert result.returncode == 0, result.stdout + result.stderr
     cpp = np.asarray(Image.open(tmp_path / "out.png").convert("RGB"))
-    py = from_model_range(_python_upscale(aoti_bundle, rgb, "ddim", 3, 1.0, 5))
+    # the sampler is left to the bundle's default, as the example leaves it out
+    py = from_model_range(
+        _python_upscale(aoti_bundle, rgb, SamplingOptions(steps=3, eta=1.0, seed=5, prior="paper"))
+    )
     assert cpp.shape == py.shape == (40, 48, 3)
     assert np.abs(cpp.astype(int) - py.astype(int)).max() <= 1
 
