@@ -24,6 +24,7 @@ and nothing reads it.
 consumer runs when its caller gives nothing. It was added within format version 2: a manifest without it
 still loads, runs the built-in defaults of ``esrdf.config.SamplingOptions.resolve`` (DDIM, min(50, T)
 steps, eta 0, the matched prior), and ``load_bundle`` logs one line saying so, with the re-export command.
+Why the matched prior is the default: docs/DESIGN.md section 7, and README "Sampling defaults and the prior".
 
 Format version 2 (this one) typed what version 1 kept in a free ``export_info`` dict; a version-1 bundle is
 refused with the command that re-exports it.
