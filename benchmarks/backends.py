@@ -168,6 +168,7 @@ class EagerRunner:
                 steps=steps,
                 eta=plan.eta,
                 generator=generator,
+                prior="matched" if plan.prior == "matched" else "paper",
             )
             return sr.clamp(-1.0, 1.0).cpu().numpy()
 

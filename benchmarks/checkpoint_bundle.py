@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from esrdf.checkpoint import MODEL_FILE, read_config
+from esrdf.checkpoint import MODEL_FILE, read_config, read_sampling_defaults
+from esrdf.config import SamplingOptions
 from esrdf.diffusion.schedule import make_schedule
-from esrdf.export.bundle_writer import DEFAULT_BATCH, DEFAULT_TILE, model_manifest
+from esrdf.export.bundle_writer import DEFAULT_BATCH, DEFAULT_TILE, model_manifest, sampling_section
 from esrdf.runtime.bundle import Bundle, ExportSettings, WeightsEntry, sha256_file
 
 
@@ -34,5 +35,7 @@ def checkpoint_bundle(ckpt: Path, tile: int = DEFAULT_TILE, batch: int = DEFAULT
         graphs=[],
         export=ExportSettings(checkpoint=str(ckpt), tile=tile, batch=batch),
         torch_weights=WeightsEntry(f"{ckpt.name}/{MODEL_FILE}", sha256_file(weights)),
+        # the sampling section the export would write: the checkpoint's sampling.json, else the built-in rule
+        sampling=sampling_section(cfg, read_sampling_defaults(ckpt) or SamplingOptions()),
     )
     return Bundle(ckpt.parent, manifest)

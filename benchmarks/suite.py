@@ -175,7 +175,9 @@ def run_benchmark(options: BenchOptions, log: Log = print, bundle: Bundle | None
     _set_threads(options.threads)
     alphas_cumprod = bundle.manifest.schedule.array()
     photo, photo_source = workload_photo()
-    plans = {n: plan_steps(alphas_cumprod, "ddim", n, 0.0) for n in sorted(set(options.steps))}
+    # DDIM at each step count asked for, with the bundle's default eta and prior (its sampling section)
+    d = bundle.manifest.sampling_defaults().resolve(bundle.manifest.schedule.timesteps)
+    plans = {n: plan_steps(alphas_cumprod, "ddim", n, d.eta, d.prior) for n in sorted(set(options.steps))}
     models = functools.cache(lambda: bk.eager_models(bundle, options.ckpt))
     ctx = _Context(options, bundle, tile, photo, plans, models, log)
     report: dict[str, Any] = {
@@ -190,7 +192,8 @@ def run_benchmark(options: BenchOptions, log: Log = print, bundle: Bundle | None
             "threads": options.threads,
             "photo": photo_source,
             "sampler": "ddim",
-            "eta": 0.0,
+            "eta": d.eta,
+            "prior": d.prior,
             "request": "host LR tiles -> host HR tiles through the runtime driver "
             "(noise, predictor, N steps, c + x, blend, clip); eager: sample_residual_sr + clamp",
         },

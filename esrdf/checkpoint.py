@@ -4,6 +4,8 @@ Layout of ``CKPT_DIR/`` (docs/DESIGN.md section 1, "Checkpoint")::
 
     config.json                  ModelConfig.to_dict() (strict: unknown or missing keys are an error)
     model.safetensors            predictor.*, unet.* (raw weights), unet_ema.* (EMA of the U-Net)
+    sampling.json                optional: the model's sampling defaults (SamplingOptions fields, no seed),
+                                 which esrdf-eval runs and esrdf-export writes into the bundle's manifest
     train.json                   the TrainConfig of the run that wrote it (training only)
     training_state.safetensors   optimizer tensors and other resume tensors (training only)
     training_state.json          step, data fingerprint, optimizer scalars, ... (training only)
@@ -31,7 +33,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from esrdf.atomic import OLD_TAG, atomic_dir
-from esrdf.config import ConfigError, ModelConfig
+from esrdf.config import (
+    ConfigError,
+    ModelConfig,
+    SamplingOptions,
+    read_json_object,
+    strict_from_dict,
+    to_jsonable,
+)
 from esrdf.models.build import build_predictor, build_unet
 from esrdf.models.predictor import Predictor
 from esrdf.models.unet import UNet
@@ -39,6 +48,7 @@ from esrdf.models.unet import UNet
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 TRAIN_CONFIG_FILE = "train.json"
+SAMPLING_FILE = "sampling.json"
 TRAIN_STATE_FILE = "training_state.safetensors"
 TRAIN_STATE_JSON = "training_state.json"
 PREDICTOR, UNET, UNET_EMA = "predictor", "unet", "unet_ema"
@@ -204,6 +214,29 @@ def read_config(path: Path) -> ModelConfig:
         return ModelConfig.from_json_file(file)
     except ConfigError as exc:
         raise CheckpointError(f"{file}: {exc}") from exc
+
+
+def read_sampling_defaults(path: Path) -> SamplingOptions | None:
+    """The checkpoint's ``sampling.json`` (sampler, steps, eta, prior; strict keys), or None without one.
+    Values are checked where they are used (the export's manifest, the evaluation's options)."""
+    file = checkpoint_dir(path) / SAMPLING_FILE
+    if not file.is_file():
+        return None
+    try:
+        data = read_json_object(file)
+        if "seed" in data:
+            raise ConfigError("a seed belongs to a request, not to the model's defaults")
+        return strict_from_dict(SamplingOptions, {**data, "seed": None}, str(file))
+    except ConfigError as exc:
+        raise CheckpointError(f"{file}: {exc}") from exc
+
+
+def write_sampling_defaults(path: Path, options: SamplingOptions) -> Path:
+    """Write ``options`` (without the seed) as the checkpoint's ``sampling.json``."""
+    file = checkpoint_dir(path) / SAMPLING_FILE
+    data = {k: v for k, v in to_jsonable(options).items() if k != "seed"}
+    _write_json(file, data)
+    return file
 
 
 def load_module_strict(

@@ -64,7 +64,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if origin in (types.UnionType, typing.Union):
         if value is None and type(None) in typing.get_args(annotation):
             return None
-        for option in (a for a in typing.get_args(annotation) if a is not type(None)):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(options) == 1:  # ``X | None``: X's own message says what is wrong inside it
+            return _coerce(value, options[0], where)
+        for option in options:
             try:
                 return _coerce(value, option, where)
             except ConfigError:
@@ -290,9 +293,15 @@ class SamplingOptions:
     prior: str | None = None
 
     def or_defaults(self, defaults: SamplingOptions | None) -> SamplingOptions:
-        """These options, with each field not given here taken from ``defaults``."""
+        """These options, with each field not given here taken from ``defaults``.
+
+        A sampler given here that differs from the defaults' does not take their steps: a bundle's "DDIM, 20
+        steps" must not turn a request for DDPM (which runs all T) into an invalid "DDPM, 20 steps".
+        """
         if defaults is None:
             return self
+        if self.sampler is not None and defaults.sampler not in (None, self.sampler):
+            defaults = dataclasses.replace(defaults, steps=None)
         mine, theirs = dataclasses.astuple(self), dataclasses.astuple(defaults)
         return SamplingOptions(*(a if a is not None else b for a, b in zip(mine, theirs, strict=True)))
 

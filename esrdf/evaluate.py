@@ -390,11 +390,15 @@ def evaluate(ckpt_dir: Path, data_dir: Path, sampling: SamplingOptions | None = 
              device: str | None = None, lpips: bool = True,
              fid: bool = False, side_by_side_dir: Path | None = None, max_images: int | None = None,
              max_size: int | None = DEFAULT_MAX_SIZE, progress: bool = True) -> EvalReport:  # fmt: skip
-    """Load the checkpoint at ``ckpt_dir`` and evaluate it on the HR photos under ``data_dir``."""
-    from esrdf.checkpoint import load_checkpoint
+    """Load the checkpoint at ``ckpt_dir`` and evaluate it on the HR photos under ``data_dir``.
+
+    What ``sampling`` leaves out comes from the checkpoint's ``sampling.json`` when it has one (the defaults
+    its bundle records), then as ``sampling_for`` says."""
+    from esrdf.checkpoint import load_checkpoint, read_sampling_defaults
 
     side_dir = None if side_by_side_dir is None else Path(side_by_side_dir)
-    options = EvalOptions(sampling=sampling or SamplingOptions(), lpips=lpips, fid=fid,
+    given = (sampling or SamplingOptions()).or_defaults(read_sampling_defaults(Path(ckpt_dir)))
+    options = EvalOptions(sampling=given, lpips=lpips, fid=fid,
                           side_by_side_dir=side_dir, max_images=max_images, max_size=max_size,
                           progress=progress)  # fmt: skip
     torch_device = resolve_device(device)

@@ -8,6 +8,11 @@ Besides the ONNX graphs, a bundle carries the eager weights for the torch engine
 the GPU path without TensorRT) as a checkpoint directory ``torch/`` (``config.json`` + ``model.safetensors``
 with the U-Net weights export used, EMA when the checkpoint had them). The manifest's ``torch_weights``
 names it with its sha256, which ``load_bundle`` checks like a graph's.
+
+The manifest's ``sampling`` section records the model's sampling defaults: the export's ``sampling``
+options, then the checkpoint's ``sampling.json``, then the built-in rule (DDIM, min(50, T) steps, eta 0,
+and the matched prior, x_T ~ N(0, (1 - alpha_bar_T) I), which for alpha_bar_T > 0 is where training ended;
+``prior="paper"`` records the paper's N(0, I)).
 """
 
 from __future__ import annotations
@@ -24,15 +29,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from esrdf.config import ModelConfig
+from esrdf.config import ModelConfig, SamplingOptions
 from esrdf.runtime.bundle import (
     FORMAT_VERSION,
+    BundleError,
     ExportSettings,
     GraphEntry,
     Manifest,
+    SamplingEntry,
     ScheduleEntry,
     TensorEntry,
     WeightsEntry,
+    sampling_entry,
     sha256_file,
     write_bundle_atomically,
     write_manifest,
@@ -65,6 +73,7 @@ class ExportOptions:
     parity_gate: bool = True
     torch_weights: bool = True
     save_eager_io: Path | None = None
+    sampling: SamplingOptions = SamplingOptions()  # the export's flags; what they leave out: see the module
 
     @property
     def precisions(self) -> tuple[str, ...]:
@@ -168,15 +177,17 @@ def export_bundle(
     parity_gate: bool = True,
     torch_weights: bool = True,
     save_eager_io: str | os.PathLike[str] | None = None,
+    sampling: SamplingOptions | None = None,
 ) -> Path:
     """Export the checkpoint at ``ckpt_dir`` as a bundle at ``out_dir``; return the bundle path.
 
     ``precision`` picks the graphs ("fp32", "fp16" or "both"); ``tile``/``batch`` are the LR tile size and
     tiles per call the runtime defaults to (parity is measured there). A missed parity bar raises
     ``ParityError`` unless ``parity_gate=False`` (then the figures are still recorded). ``save_eager_io``
-    writes polygraphy input/output files for each graph into that directory.
+    writes polygraphy input/output files for each graph into that directory. ``sampling`` overrides the
+    sampling defaults the manifest records (the seed is not one of them).
     """
-    from esrdf.checkpoint import load_checkpoint, read_config
+    from esrdf.checkpoint import load_checkpoint, read_config, read_sampling_defaults
 
     options = ExportOptions(
         precision=precision,
@@ -186,10 +197,13 @@ def export_bundle(
         parity_gate=parity_gate,
         torch_weights=torch_weights,
         save_eager_io=Path(save_eager_io) if save_eager_io is not None else None,
+        sampling=(sampling or SamplingOptions()).or_defaults(read_sampling_defaults(Path(ckpt_dir))),
     )
     stages = Stages(enabled=progress)
     target = Path(out_dir).absolute()
-    check_options(read_config(Path(ckpt_dir)), options)  # cheap checks before any work
+    cfg = read_config(Path(ckpt_dir))
+    check_options(cfg, options)  # cheap checks before any work
+    defaults = sampling_section(cfg, options.sampling)  # bad sampling flags fail here, before the export
     if target.exists() and not force:
         raise ExportError(f"{target} already exists; pass --force to replace it")
     with stages.stage("load checkpoint"):
@@ -200,11 +214,29 @@ def export_bundle(
             f"diffusion U-Net too: train the diffusion stage, then export"
         )
 
-    write_bundle_atomically(target, lambda root: _build_bundle(root, ckpt, options, stages), force=force)
+    write_bundle_atomically(
+        target, lambda root: _build_bundle(root, ckpt, options, defaults, stages), force=force
+    )
     return target
 
 
-def _build_bundle(root: Path, ckpt: LoadedCheckpoint, options: ExportOptions, stages: Stages) -> None:
+def sampling_section(cfg: ModelConfig, options: SamplingOptions) -> SamplingEntry:
+    """The manifest's ``sampling`` section for ``cfg``'s schedule; ``ExportError`` for unusable options."""
+    from esrdf.diffusion.schedule import make_schedule
+
+    ab = np.asarray(make_schedule(cfg.schedule).alphas_cumprod, dtype=np.float64)
+    schedule = ScheduleEntry(
+        kind=cfg.schedule.kind, timesteps=cfg.schedule.timesteps, alphas_cumprod=ab.tolist()
+    )
+    try:
+        return sampling_entry(schedule, options)
+    except (BundleError, ValueError) as exc:
+        raise ExportError(f"sampling defaults: {exc}") from exc
+
+
+def _build_bundle(
+    root: Path, ckpt: LoadedCheckpoint, options: ExportOptions, sampling: SamplingEntry, stages: Stages
+) -> None:
     """Everything inside the temp bundle directory: graphs, parity, torch weights, manifest."""
     from esrdf.diffusion.schedule import make_schedule
     from esrdf.models.step_module import PredictorModule, StepModule
@@ -242,6 +274,7 @@ def _build_bundle(root: Path, ckpt: LoadedCheckpoint, options: ExportOptions, st
         parity=parity,
         torch_weights=torch_weights,
         provenance=provenance,
+        sampling=sampling,
     )
     write_manifest(root, manifest)
 

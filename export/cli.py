@@ -7,6 +7,8 @@ from pathlib import Path
 import click
 
 from esrdf.cli.errors import OneLineErrorCommand
+from esrdf.cli.sampling import sampling_options
+from esrdf.config import SamplingOptions
 from esrdf.export.bundle_writer import DEFAULT_BATCH, DEFAULT_OPSET, DEFAULT_TILE, PRECISION_CHOICES
 
 
@@ -37,6 +39,7 @@ from esrdf.export.bundle_writer import DEFAULT_BATCH, DEFAULT_OPSET, DEFAULT_TIL
     show_default=True,
     help="Tiles per engine call the runtime defaults to.",
 )
+@sampling_options("the checkpoint's sampling.json", seed=False)
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 @click.option(
     "--no-parity-gate",
@@ -86,6 +89,7 @@ def main(
     opset: int,
     tile: int,
     batch: int,
+    sampling: SamplingOptions,
     force: bool,
     no_parity_gate: bool,
     no_torch_weights: bool,
@@ -98,7 +102,11 @@ def main(
     triton_repo: Path | None,
     quiet: bool,
 ) -> None:
-    """Export a checkpoint's predictor and step graphs to an ONNX bundle, with parity figures."""
+    """Export a checkpoint's predictor and step graphs to an ONNX bundle, with parity figures.
+
+    The sampling flags set the defaults the bundle records for every consumer; what they leave out comes
+    from the checkpoint's sampling.json, then DDIM, min(50, T) steps, eta 0 and the matched prior
+    (x_T ~ N(0, (1 - alpha_bar_T) I)); --prior paper records the paper's N(0, I)."""
     from esrdf.checkpoint import CheckpointError
     from esrdf.config import ConfigError
     from esrdf.export.bundle_writer import ExportError, export_bundle
@@ -122,6 +130,7 @@ def main(
             parity_gate=not no_parity_gate,
             torch_weights=not no_torch_weights,
             save_eager_io=save_eager_io,
+            sampling=sampling,
         )
     except (CheckpointError, ConfigError, ExportError, ParityError, BundleError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc

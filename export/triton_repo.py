@@ -232,6 +232,7 @@ def bls_config(settings: Mapping[str, Any], options: TritonRepoOptions) -> dict[
         ("steps", "TYPE_INT32"),
         ("sampler", "TYPE_STRING"),
         ("eta", "TYPE_FP32"),
+        ("prior", "TYPE_STRING"),
     ]
     optional = [{"name": n, "data_type": Ident(t), "dims": [1], "optional": True} for n, t in scalars]
     image = {"name": "image", "data_type": Ident("TYPE_UINT8"), "dims": [-1, -1, 3]}

@@ -20,6 +20,12 @@ tile and tile batch export measured at, the run-time defaults) and ``torch_weigh
 checked by ``load_bundle`` like the graphs). ``provenance`` is free-form (tool versions, export time, ...)
 and nothing reads it.
 
+``sampling`` holds the model's sampling defaults (sampler, steps, eta, the x_T prior and its std), what every
+consumer runs when its caller gives nothing. It was added within format version 2: a manifest without it
+still loads, runs the built-in defaults of ``esrdf.config.SamplingOptions.resolve`` (DDIM, min(50, T)
+steps, eta 0, the matched prior), and ``load_bundle`` logs one line saying so, with the re-export command.
+Why the matched prior is the default: docs/DESIGN.md section 7, and README "Sampling defaults and the prior".
+
 Format version 2 (this one) typed what version 1 kept in a free ``export_info`` dict; a version-1 bundle is
 refused with the command that re-exports it.
 
@@ -30,6 +36,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,8 +47,18 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 
 from esrdf.atomic import atomic_dir
-from esrdf.config import ConfigError, ModelConfig, strict_from_dict, to_jsonable
+from esrdf.config import (
+    ADDED_LATER,
+    ConfigError,
+    ModelConfig,
+    Prior,
+    Sampler,
+    SamplingOptions,
+    strict_from_dict,
+    to_jsonable,
+)
 from esrdf.runtime.graph_spec import GRAPH_ROLES, graph_spec
+from esrdf.runtime.sampling import init_noise_std
 
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
@@ -50,6 +68,7 @@ Precision = Literal["fp32", "fp16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class BundleError(RuntimeError):
@@ -140,6 +159,50 @@ class WeightsEntry:
 
 
 @dataclass(frozen=True)
+class SamplingEntry:
+    """The model's sampling defaults: what Upscaler, services, the CLIs and the C++ runtime run when their
+    caller leaves a field out. ``init_noise_std`` is the std of x_T under ``prior`` for this schedule
+    (``esrdf.runtime.sampling.init_noise_std``: 1 for "paper", sqrt(1 - alpha_bar_{T-1}) for "matched");
+    it is written out for readers that do not derive it, and checked against the schedule on load."""
+
+    sampler: Sampler
+    steps: int
+    eta: float
+    prior: Prior
+    init_noise_std: float
+
+    def options(self) -> SamplingOptions:
+        """These defaults as options (no seed: a request's seed is its own, 0 when not given)."""
+        return SamplingOptions(sampler=self.sampler, steps=self.steps, eta=self.eta, prior=self.prior)
+
+
+def sampling_entry(schedule: ScheduleEntry, options: SamplingOptions) -> SamplingEntry:
+    """The ``sampling`` section for ``options`` on ``schedule``: what they leave out filled by the built-in
+    rule (``SamplingOptions.resolve``), and the x_T std of their prior."""
+    s = options.resolve(schedule.timesteps)
+    entry = SamplingEntry(s.sampler, s.steps, s.eta, s.prior, init_noise_std(schedule.array(), s.prior))  # type: ignore[arg-type]
+    _check_sampling(entry, schedule)
+    return entry
+
+
+def _check_sampling(entry: SamplingEntry, schedule: ScheduleEntry) -> None:
+    """A sampling section the schedule can run, whose x_T std is its prior's; ``BundleError`` otherwise."""
+    t = schedule.timesteps
+    if entry.sampler == "ddpm" and entry.steps != t:
+        raise BundleError(f"sampling: ddpm runs all T={t} steps, the section says steps={entry.steps}")
+    if not 1 <= entry.steps <= t:
+        raise BundleError(f"sampling: steps must be in 1..{t} (the schedule's T), got {entry.steps}")
+    if not 0.0 <= entry.eta <= 1.0:
+        raise BundleError(f"sampling: eta must be in [0, 1], got {entry.eta}")
+    expected = init_noise_std(schedule.array(), entry.prior)
+    if not math.isclose(entry.init_noise_std, expected, rel_tol=1e-12):
+        raise BundleError(
+            f"sampling: init_noise_std {entry.init_noise_std!r} is not the {entry.prior} prior's "
+            f"{expected!r} for this schedule"
+        )
+
+
+@dataclass(frozen=True)
 class Manifest:
     format_version: int
     model_name: str
@@ -155,6 +218,12 @@ class Manifest:
     torch_weights: WeightsEntry | None = None  # None: exported with --no-torch-weights
     provenance: dict[str, str | int] = field(default_factory=dict)  # free-form; nothing reads it
     model_config: dict[str, Any] = field(default_factory=dict)  # ModelConfig.to_dict()
+    # None: a bundle exported before the section existed (the built-in defaults apply; see the module notes)
+    sampling: SamplingEntry | None = field(default=None, metadata=ADDED_LATER)
+
+    def __post_init__(self) -> None:
+        if self.sampling is not None:
+            _check_sampling(self.sampling, self.schedule)
 
     @property
     def lr_multiple_of(self) -> int:
@@ -169,6 +238,11 @@ class Manifest:
 
     def model(self) -> ModelConfig:
         return ModelConfig.from_dict(self.model_config)
+
+    def sampling_defaults(self) -> SamplingOptions:
+        """What a caller's ``SamplingOptions`` are resolved against: the bundle's section, or nothing (the
+        built-in defaults) for a bundle without one."""
+        return SamplingOptions() if self.sampling is None else self.sampling.options()
 
     def to_dict(self) -> dict[str, Any]:
         return to_jsonable(self)
@@ -285,7 +359,27 @@ def load_bundle(directory: str | os.PathLike[str], verify: bool = True) -> Bundl
                 f"{file}: sha256 does not match the manifest (modified or corrupted); "
                 f"{_reexport_hint(root, manifest, precision)}"
             )
+    if manifest.sampling is None:
+        _notice_no_sampling(root, manifest)
     return Bundle(root=root, manifest=manifest)
+
+
+def _notice_no_sampling(root: Path, manifest: Manifest) -> None:
+    """One line per load of a bundle without a sampling section: what runs instead, and how to renew it."""
+    s = SamplingOptions().resolve(manifest.schedule.timesteps)
+    std = init_noise_std(manifest.schedule.array(), s.prior)
+    hint = _reexport_hint(root, manifest, _precision_of(manifest))
+    log.warning(
+        "%s: the manifest has no sampling defaults (exported before they were recorded); using the built-in "
+        "ones: %s, %d steps, eta %g, %s prior (x_T std %.4f); %s",
+        root, s.sampler, s.steps, s.eta, s.prior, std, hint,
+    )  # fmt: skip
+
+
+def _precision_of(manifest: Manifest) -> str:
+    """The --precision that re-exports what the bundle holds: its one graph precision, or both."""
+    found = {g.precision for g in manifest.graphs}
+    return str(next(iter(found))) if len(found) == 1 else "both"
 
 
 def _check_graph_contracts(root: Path, manifest: Manifest) -> None:

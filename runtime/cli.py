@@ -22,7 +22,8 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from esrdf.config import SAMPLERS, SamplingOptions
+from esrdf.cli.sampling import sampling_options
+from esrdf.config import SamplingOptions
 from esrdf.runtime.backends import BACKENDS
 from esrdf.runtime.bundle import BundleError
 from esrdf.runtime.engine import EngineError
@@ -149,14 +150,6 @@ def shipped_bundle_dir() -> Path:
         raise click.ClickException(f"{exc}; or pass --engine BUNDLE_DIR") from None
 
 
-def shipped_model_defaults() -> SamplingOptions:
-    """The default model's sampling where the user gives none: the eta it was evaluated with (MODEL_CARD.md);
-    its U-Net needs stochastic steps."""
-    from esrdf.default_model import RECOMMENDED_ETA
-
-    return SamplingOptions(eta=RECOMMENDED_ETA)
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--engine",
@@ -181,15 +174,7 @@ def shipped_model_defaults() -> SamplingOptions:
     type=click.Path(path_type=Path),
     help="Output file, or folder (created if missing).",
 )
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="DDIM steps (default 50, at most T).")
-@click.option("--sampler", type=click.Choice(SAMPLERS), default=None, help="Sampler (default: ddim).")
-@click.option(
-    "--eta",
-    type=click.FloatRange(0.0, 1.0),
-    default=None,
-    help="DDIM eta [0; without --engine, the default model's recommended eta].",
-)
-@click.option("--seed", type=click.IntRange(min=0), default=None, help="Noise seed (default: 0).")
+@sampling_options("the bundle")
 @click.option("--tile", type=click.IntRange(min=0), default=None, help="LR tile size; 0 = whole image.")
 @click.option("--overlap", type=click.IntRange(min=0), default=None, help="LR pixels; default tile / 8.")
 @click.option("--batch", type=click.IntRange(min=1), default=None, help="Tiles per engine call.")
@@ -209,19 +194,18 @@ def shipped_model_defaults() -> SamplingOptions:
     "--no-cuda-graph", is_flag=True, help="On CUDA, run the sampler as stream execution, not graph replays."
 )
 def main(
-    engine_dir: Path | None, source: Path, target: Path, steps: int | None, sampler: str | None,
-    eta: float | None, seed: int | None,
+    engine_dir: Path | None, source: Path, target: Path, sampling: SamplingOptions,
     tile: int | None, overlap: int | None, batch: int | None, precision: str, backend: str, device: str,
     threads: int | None, overwrite: bool, max_pixels: int, no_cuda_graph: bool,
 ) -> None:  # fmt: skip
-    """Upscale IN (an image or a folder of images) into OUT with an ESRDF bundle."""
+    """Upscale IN (an image or a folder of images) into OUT with an ESRDF bundle.
+
+    Sampling flags not given come from the bundle's sampling defaults (its manifest's "sampling" section)."""
     jobs = plan_jobs(source, target)
     if source.is_dir():
         target.mkdir(parents=True, exist_ok=True)
     console = plain_console()
-    options = SamplingOptions(sampler, steps, eta, seed)
-    if engine_dir is None:
-        options = options.or_defaults(shipped_model_defaults())
+    options = sampling  # what it leaves out, Upscaler.sampling fills from the bundle
     try:
         upscaler = Upscaler(
             engine_dir or shipped_bundle_dir(), backend, device, precision, threads, tile, overlap, batch,

@@ -3,12 +3,14 @@
 For each batch of LR tiles (paper Section 3 with the residual formulation of Section 4):
 
     c   = predictor(lr)                                   coarse HR, the main path
-    x   = z_0                                             x_T ~ N(0, I), noise field 0
+    x   = s z_0                                           x_T ~ N(0, s^2 I), noise field 0, s = init_noise_std
     x   = step(x, c, t_k, coefs_k, z_{k+1})   k = 0..N-1  one reverse step per call (Eq. 6-7, affine form)
     out = c + x                                           coarse + sampled residual
 
-then the HR tiles are blended (``esrdf.runtime.tiling``) and clipped to [-1, 1]. The driver holds no state
-between calls: everything lives in the call's locals, so one engine can serve concurrent requests.
+then the HR tiles are blended (``esrdf.runtime.tiling``) and clipped to [-1, 1]. ``s`` is the plan's x_T std:
+1 for the paper's prior, sqrt(1 - alpha_bar_{T-1}) for the matched one; the eager sampler scales its field 0
+the same way, so injected noise means the same to both. The driver holds no state between calls:
+everything lives in the call's locals, so one engine can serve concurrent requests.
 
 Each batch goes through one narrow hook, a ``BatchSampler`` (``esrdf.runtime.engine``): LR tiles and their
 tiles in, HR tiles out, closed over the engine, the step plan, the noise and the progress tick. The default
@@ -71,6 +73,13 @@ def upload_step_inputs(engine: Engine, plan: StepPlan, n: int) -> list[tuple[Any
     ]
 
 
+def initial_noise(plan: StepPlan, fields: Sequence[np.ndarray]) -> np.ndarray:
+    """x_T of a batch: the unit-variance field 0 of each tile times the plan's ``init_noise_std``, in float32
+    (the eager sampler's ``x_T * prior_std`` rounds the same way)."""
+    x = np.stack(fields)
+    return x if plan.init_noise_std == 1.0 else x * np.float32(plan.init_noise_std)
+
+
 def engine_batches(engine: Engine, plan: StepPlan, noise: NoiseFn, tick: Tick) -> BatchSampler:
     """The default hook: per batch, one predictor call and N step calls on ``engine``, one tick each.
 
@@ -85,7 +94,7 @@ def engine_batches(engine: Engine, plan: StepPlan, noise: NoiseFn, tick: Tick) -
             step_inputs[n] = upload_step_inputs(engine, plan, n)
         coarse = engine.predictor(engine.upload(lr_tiles))
         tick()
-        x = engine.upload(np.stack([noise(0, tile) for tile in tiles]))
+        x = engine.upload(initial_noise(plan, [noise(0, tile) for tile in tiles]))
         for k, (t, coefs) in enumerate(step_inputs[n]):
             z = engine.upload(np.stack([noise(k + 1, tile) for tile in tiles]))
             x = engine.step(x, coarse, t, coefs, z)

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from esrdf.config import SAMPLERS
+from esrdf.config import PRIORS, SAMPLERS, ResolvedSampling
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,10 @@ class StepPlan:
     timesteps: np.ndarray  # int64[N]
     t: np.ndarray  # float32[N]
     coefs: np.ndarray  # float32[N, 3]
-    # std of x_T: noise field 0 is multiplied by it where x_T is made (1.0: x_T ~ N(0, I), the paper's start)
+    # std of x_T: noise field 0 is multiplied by it where x_T is made (1.0: x_T ~ N(0, I), the paper's start;
+    # ``init_noise_std`` below gives it for a prior)
     init_noise_std: float = 1.0
+    prior: str = "paper"  # the prior init_noise_std is of (``esrdf.config.Prior``), for eager comparisons
 
     @property
     def num_steps(self) -> int:
@@ -117,13 +119,32 @@ def ddpm_coefficients(alphas_cumprod: np.ndarray) -> np.ndarray:
     return np.stack([c_xt, c_eps, np.sqrt(np.maximum(posterior_variance, 0.0))], axis=1)
 
 
+def init_noise_std(alphas_cumprod: np.ndarray, prior: str) -> float:
+    """The std of x_T under ``prior`` (``esrdf.config.Prior``): 1 for "paper" (x_T ~ N(0, I)), and
+    sqrt(1 - alpha_bar_{T-1}) for "matched", the marginal q(x_T | r_0) of paper Eq. 3 for a zero-mean
+    residual, i.e. what training showed the U-Net at t = T-1. Float64, as the eager ``prior_std``."""
+    if prior == "paper":
+        return 1.0
+    if prior == "matched":
+        return float(np.sqrt(1.0 - np.asarray(alphas_cumprod, dtype=np.float64)[-1]))
+    raise ValueError(f"unknown prior {prior!r}; expected one of {PRIORS}")
+
+
 def plan_steps(
-    alphas_cumprod: np.ndarray, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0
+    alphas_cumprod: np.ndarray,
+    sampler: str = "ddim",
+    steps: int | None = None,
+    eta: float = 0.0,
+    prior: str = "paper",
 ) -> StepPlan:
-    """The step plan for ``sampler``: DDIM over ``steps`` indices with ``eta``, or DDPM over all T.
+    """The step plan for ``sampler``: DDIM over ``steps`` indices with ``eta``, or DDPM over all T, starting
+    from x_T with the std of ``prior`` (``init_noise_std``). Callers holding a ``ResolvedSampling`` use
+    ``plan_for``; the default here is the paper's N(0, I), so a bare plan means what the paper's sampler
+    does.
 
     For ``ddpm``, ``steps`` must be None or T (ancestral sampling does not skip steps).
     """
+    x_t_std = init_noise_std(alphas_cumprod, prior)
     ab = np.asarray(alphas_cumprod, dtype=np.float64)
     num_timesteps = int(ab.shape[0])
     if ab.ndim != 1 or num_timesteps < 1 or np.any(ab[:-1] <= 0.0) or np.any(ab > 1.0) or ab[-1] < 0.0:
@@ -145,4 +166,10 @@ def plan_steps(
     arrays = (timesteps, timesteps.astype(np.float32), coefs.astype(np.float32))
     for a in arrays:
         a.flags.writeable = False
-    return StepPlan(sampler=sampler, eta=float(eta), timesteps=arrays[0], t=arrays[1], coefs=arrays[2])
+    timesteps, t, coefs = arrays
+    return StepPlan(sampler, float(eta), timesteps, t, coefs, init_noise_std=x_t_std, prior=prior)
+
+
+def plan_for(alphas_cumprod: np.ndarray, sampling: ResolvedSampling) -> StepPlan:
+    """The step plan of resolved options (sampler, steps, eta and prior; the seed only picks the noise)."""
+    return plan_steps(alphas_cumprod, sampling.sampler, sampling.steps, sampling.eta, sampling.prior)

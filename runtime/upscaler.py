@@ -4,7 +4,10 @@
     from esrdf.runtime import Upscaler
     upscaler = Upscaler("bundle/", backend="onnxruntime", device="cpu")
     hr = upscaler(lr_uint8_hwc, SamplingOptions(steps=20, seed=0))   # numpy HxWx3 uint8 in, numpy out
-    hr_pil = upscaler(pil_image)                                     # PIL in, PIL out; default sampling
+    hr_pil = upscaler(pil_image)                                     # PIL in, PIL out; the bundle's sampling
+
+What a call's ``SamplingOptions`` leave out comes from the bundle's sampling defaults (its manifest's
+``sampling`` section: sampler, steps, eta and the x_T prior), then from the built-in rule.
 
 Thread safety: an ``Upscaler`` is immutable after construction. Each call keeps its state (tiles, noise,
 the sampler's x_t) in locals, and the onnxruntime engine builds a fresh IOBinding per engine call, so
@@ -33,7 +36,7 @@ from esrdf.runtime.bundle import Bundle, BundleError, Manifest, load_bundle
 from esrdf.runtime.driver import ProgressFn, fixed_shape, upscale_array
 from esrdf.runtime.engine import BatchSamplerFactory, BatchSamplerSource, Engine
 from esrdf.runtime.images import from_model_range, pil_to_array, to_model_range
-from esrdf.runtime.sampling import StepPlan, plan_steps
+from esrdf.runtime.sampling import StepPlan, plan_for
 
 
 class Upscaler:
@@ -82,13 +85,15 @@ class Upscaler:
         return self.manifest.scale
 
     def sampling(self, options: SamplingOptions | None = None) -> ResolvedSampling:
-        """``options`` with what they leave out filled (``SamplingOptions.resolve``, for this schedule)."""
-        return (options or SamplingOptions()).resolve(self.manifest.schedule.timesteps)
+        """``options`` with what they leave out filled: from the bundle's sampling defaults, then by the
+        built-in rule (``SamplingOptions.resolve``, for this schedule)."""
+        defaults = self.manifest.sampling_defaults()
+        return (options or SamplingOptions()).resolve(self.manifest.schedule.timesteps, defaults)
 
     def step_plan(self, options: SamplingOptions | None = None) -> StepPlan:
-        """The per-step coefficients of ``options``; ``ValueError`` for a bad sampler, steps or eta."""
-        s = self.sampling(options)
-        return plan_steps(self.manifest.schedule.array(), s.sampler, s.steps, s.eta)
+        """The per-step coefficients and x_T std of ``options``; ``ValueError`` for a bad sampler, steps, eta
+        or prior."""
+        return plan_for(self.manifest.schedule.array(), self.sampling(options))
 
     def upscale_array(
         self,
@@ -99,7 +104,7 @@ class Upscaler:
     ) -> np.ndarray:
         """(C, h, w) float32 in [-1, 1] -> (C, scale*h, scale*w) float32 in [-1, 1]."""
         sampling = self.sampling(options)
-        plan = plan_steps(self.manifest.schedule.array(), sampling.sampler, sampling.steps, sampling.eta)
+        plan = plan_for(self.manifest.schedule.array(), sampling)
         return upscale_array(
             self.engine,
             self.manifest,

@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +39,23 @@ from esrdf.runtime.tolerances import END_TO_END_FP16, END_TO_END_FP32
 CPP_DIR = Path(__file__).resolve().parents[1] / "runtime" / "cpp"
 MISSING_DEPENDENCY = "esrdf: missing dependency"
 BUILD_TIMEOUT_S = 900
-# (name, photo, rows, cols, sampler, steps, eta, seed): a crop tiled with a clamped last tile, and one
-# smaller than a tile (reflect-padded past its own size) sampled with all T DDPM steps.
+# (name, photo, rows, cols, sampler, steps, eta, prior, seed): a crop tiled with a clamped last tile from
+# the paper's prior; one smaller than a tile (reflect-padded past its own size) sampled with all T DDPM steps
+# from the bundle's prior; and one that gives nothing (steps 0, None: the bundle's sampling defaults).
 UPSCALE_CASES = (
-    ("astronaut_13x21_ddim4", "astronaut", slice(180, 193), slice(200, 221), "ddim", 4, 0.5, 11),
-    ("coffee_5x3_ddpm", "coffee", slice(150, 155), slice(300, 303), "ddpm", 0, 0.0, 2**40 + 3),
+    ("astronaut_13x21_ddim4", "astronaut", slice(180, 193), slice(200, 221), "ddim", 4, 0.5, "paper", 11),
+    ("coffee_5x3_ddpm", "coffee", slice(150, 155), slice(300, 303), "ddpm", 0, 0.0, None, 2**40 + 3),
+    ("chelsea_9x11_defaults", "chelsea", slice(100, 109), slice(200, 211), None, 0, None, None, 5),
 )
 NOISE_CASES = ((7, 0, 0, 0, 256, 256), (2**63 + 5, 201, 1000, 37, 48, 40))
-PLAN_CASES = (("ddim", 4, 0.5), ("ddim", 50, 0.0), ("ddim", 200, 1.0), ("ddpm", 0, 0.0))
+PLAN_CASES = (
+    ("ddim", 4, 0.5, "matched"),
+    ("ddim", 50, 0.0, "paper"),
+    ("ddim", 200, 1.0, "matched"),
+    ("ddpm", 0, 0.0, "paper"),
+)
+# The sampling section the test bundle's manifest gets (not the built-in rule, so "bundle default" shows)
+BUNDLE_DEFAULTS = SamplingOptions("ddim", 3, 0.5, prior="matched")
 # bf16 end to end against fp32 with the same noise: the 40 dB bar issue 13 sets, the same as fp16's.
 END_TO_END_BF16_PSNR_DB = END_TO_END_FP16.min_psnr_db
 
@@ -148,20 +158,21 @@ def cpp_build(cpp_build_started: CppBuild, aoti_bundle: Path) -> Path:
 def aoti_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A private copy of the shared tiny bundle (others must not see aoti/), with AOTInductor packages."""
     from esrdf.export.aoti import add_aoti_packages
+    from esrdf.runtime.bundle import load_bundle, sampling_entry, write_manifest
 
     bundle = tmp_path_factory.mktemp("cpp") / "tiny-aoti-bundle"
     shutil.copytree(tiny_bundle(tmp_path_factory.getbasetemp()), bundle)
     add_aoti_packages(bundle)
+    manifest = load_bundle(bundle).manifest
+    write_manifest(bundle, replace(manifest, sampling=sampling_entry(manifest.schedule, BUNDLE_DEFAULTS)))
     return bundle
 
 
-def _python_upscale(
-    bundle: Path, rgb: np.ndarray, sampler: str, steps: int, eta: float, seed: int
-) -> np.ndarray:
+def _python_upscale(bundle: Path, rgb: np.ndarray, options: SamplingOptions) -> np.ndarray:
     from esrdf.runtime import Upscaler
 
     upscaler = Upscaler(bundle, backend="onnxruntime", device="cpu", precision="fp32", threads=1)
-    return upscaler.upscale_array(to_model_range(rgb), SamplingOptions(sampler, steps or None, eta, seed))
+    return upscaler.upscale_array(to_model_range(rgb), options)
 
 
 def _write_cases(data: Path, bundle: Path, photos: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -186,8 +197,8 @@ def _write_cases(data: Path, bundle: Path, photos: dict[str, np.ndarray]) -> dic
         )
     alphas_cumprod = load_bundle(bundle).manifest.schedule.array()
     cases["plans"] = []
-    for i, (sampler, steps, eta) in enumerate(PLAN_CASES):
-        plan = plan_steps(alphas_cumprod, sampler, steps or None, eta)
+    for i, (sampler, steps, eta, prior) in enumerate(PLAN_CASES):
+        plan = plan_steps(alphas_cumprod, sampler, steps or None, eta, prior)
         plan.t.tofile(data / f"plan{i}_t.f32")
         plan.coefs.tofile(data / f"plan{i}_coefs.f32")
         cases["plans"].append(
@@ -195,17 +206,18 @@ def _write_cases(data: Path, bundle: Path, photos: dict[str, np.ndarray]) -> dic
                 "sampler": sampler,
                 "steps": steps,
                 "eta": eta,
+                "prior": prior,
+                "init_noise_std": plan.init_noise_std,
                 "t_file": f"plan{i}_t.f32",
                 "coefs_file": f"plan{i}_coefs.f32",
             }
         )
     cases["upscale"] = []
-    for name, photo, rows, cols, sampler, steps, eta, seed in UPSCALE_CASES:
+    for name, photo, rows, cols, sampler, steps, eta, prior, seed in UPSCALE_CASES:
         rgb = np.ascontiguousarray(photos[photo][rows, cols])
         rgb.tofile(data / f"{name}.u8")
-        _python_upscale(bundle, rgb, sampler, steps, eta, seed).astype(np.float32).tofile(
-            data / f"{name}.py.f32"
-        )
+        options = SamplingOptions(sampler, steps or None, eta, seed, prior)
+        _python_upscale(bundle, rgb, options).astype(np.float32).tofile(data / f"{name}.py.f32")
         cases["upscale"].append(
             {
                 "name": name,
@@ -215,6 +227,7 @@ def _write_cases(data: Path, bundle: Path, photos: dict[str, np.ndarray]) -> dic
                 "sampler": sampler,
                 "steps": steps,
                 "eta": eta,
+                "prior": prior,
                 "seed": seed,
                 "expected": f"{name}.py.f32",
                 "output": f"{name}.cpp.f32",
@@ -235,10 +248,12 @@ def ctest_run(
     """ctest over the whole suite, with the bundle and the Python reference data in its environment."""
     data = tmp_path_factory.mktemp("cpp-parity")
     cases = _write_cases(data, aoti_bundle, eval_photos)
+    d = BUNDLE_DEFAULTS  # test_c_api checks that "bundle default" arguments run these
     env = {
         **os.environ,
         "ESRDF_TEST_BUNDLE": str(aoti_bundle),
         "ESRDF_TEST_DATA": str(data),
+        "ESRDF_TEST_DEFAULTS": f"{d.steps} {d.sampler} {d.eta} {d.prior}",
         "OMP_NUM_THREADS": "1",
         "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
     }
@@ -354,6 +369,8 @@ def test_example_program_upscales_a_png(
             "3",
             "--eta",
             "1.0",
+            "--prior",
+            "paper",
             "--seed",
             "5",
             "--backend",
@@ -365,7 +382,10 @@ def test_example_program_upscales_a_png(
     )
     assert result.returncode == 0, result.stdout + result.stderr
     cpp = np.asarray(Image.open(tmp_path / "out.png").convert("RGB"))
-    py = from_model_range(_python_upscale(aoti_bundle, rgb, "ddim", 3, 1.0, 5))
+    # the sampler is left to the bundle's default, as the example leaves it out
+    py = from_model_range(
+        _python_upscale(aoti_bundle, rgb, SamplingOptions(steps=3, eta=1.0, seed=5, prior="paper"))
+    )
     assert cpp.shape == py.shape == (40, 48, 3)
     assert np.abs(cpp.astype(int) - py.astype(int)).max() <= 1
 

@@ -73,7 +73,7 @@ def test_esrdf_run_without_engine_upscales_a_photo_with_the_default_bundle(
     assert result.exit_code == 0, result.output
     out = np.asarray(Image.open(target).convert("RGB"))
     assert out.shape == hr.shape
-    # A 4x upscale of this crop, not noise or a shifted image (the recommended eta applies: no --eta given).
+    # A 4x upscale of this crop, not noise or a shifted image (the bundle's sampling applies: no --eta given).
     assert psnr_rgb(out, hr) > 22.0
 
 

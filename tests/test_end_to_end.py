@@ -54,6 +54,7 @@ def _eager(
     sampler: Literal["ddim", "ddpm"],
     steps: int | None,
     eta: float,
+    prior: Literal["matched", "paper"] = "matched",
 ) -> np.ndarray:
     from esrdf.diffusion.samplers import sample_residual_sr
 
@@ -66,6 +67,7 @@ def _eager(
         sampler=sampler,
         steps=steps,
         eta=eta,
+        prior=prior,
         x_T=torch.from_numpy(fields[0])[None],
         noises=[torch.from_numpy(f)[None] for f in fields[1:]],
     )
@@ -78,14 +80,14 @@ def _runtime(
     sampler: str,
     steps: int | None,
     eta: float,
+    prior: str | None = None,
     **upscaler: Any,
 ) -> np.ndarray:
     from esrdf.runtime import Upscaler
 
     runtime = Upscaler(setup["bundle"], tile=0, **upscaler)
-    return runtime.upscale_array(
-        setup["lr"], SamplingOptions(steps=steps, sampler=sampler, eta=eta), injected_noise=fields
-    )
+    options = SamplingOptions(steps=steps, sampler=sampler, eta=eta, prior=prior)
+    return runtime.upscale_array(setup["lr"], options, injected_noise=fields)
 
 
 def _max_abs01(a: np.ndarray, b: np.ndarray) -> float:
@@ -93,21 +95,30 @@ def _max_abs01(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize(
-    ("backend", "sampler", "steps", "eta"),
+    ("backend", "sampler", "steps", "eta", "prior"),
     [
-        ("onnxruntime", "ddim", 10, 0.0),
-        ("onnxruntime", "ddim", 7, 1.0),
-        ("onnxruntime", "ddpm", None, 1.0),
-        ("torch", "ddim", 6, 0.5),
+        ("onnxruntime", "ddim", 10, 0.0, "matched"),
+        ("onnxruntime", "ddim", 10, 0.0, "paper"),
+        ("onnxruntime", "ddim", 7, 1.0, "paper"),
+        ("onnxruntime", "ddpm", None, 1.0, "matched"),
+        ("torch", "ddim", 6, 0.5, "matched"),
+        ("torch", "ddim", 6, 0.5, "paper"),
     ],
 )
 def test_runtime_matches_eager_sampler_fp32(
-    setup: dict[str, Any], backend: str, sampler: Literal["ddim", "ddpm"], steps: int | None, eta: float
+    setup: dict[str, Any],
+    backend: str,
+    sampler: Literal["ddim", "ddpm"],
+    steps: int | None,
+    eta: float,
+    prior: Literal["matched", "paper"],
 ) -> None:
+    """Injected noise, same prior option on both sides: the runtime scales field 0 where the eager sampler
+    does, so the two start from the same x_T."""
     count = (setup["schedule"].timesteps if steps is None else steps) + 1
     fields = _noise_fields(count)
-    eager = _eager(setup, fields, sampler, steps, eta)
-    out = _runtime(setup, fields, sampler, steps, eta, backend=backend)
+    eager = _eager(setup, fields, sampler, steps, eta, prior)
+    out = _runtime(setup, fields, sampler, steps, eta, prior, backend=backend)
     assert out.shape == (3, 48, 64)
     assert np.mean(np.abs(eager) < 1.0) > MIN_UNCLIPPED
     assert _max_abs01(out, eager) <= END_TO_END_FP32.max_abs
@@ -185,3 +196,17 @@ def test_torch_engine_on_cuda_matches_cpu_and_holds_fp16_bars(tmp_path: Path, te
             x = e.step(x, coarse, e.upload(t), e.upload(coefs), e.upload(fields[k + 1]))
         final[key] = np.clip(e.download(coarse) + e.download(x), -1.0, 1.0)
     assert compare(final["fp16"], final["fp32"]).psnr_db >= END_TO_END_FP16.min_psnr_db
+
+
+def test_matched_prior_is_the_paper_prior_with_field_zero_scaled(setup: dict[str, Any]) -> None:
+    """The runtime's x_T contract, the one the eager sampler and the C++ runtime share: the matched prior
+    multiplies noise field 0 by sqrt(1 - alpha_bar_{T-1}) (float32) and changes nothing else."""
+    from esrdf.runtime.sampling import init_noise_std
+
+    fields = _noise_fields(5, seed=2)
+    std = init_noise_std(setup["schedule"].alphas_cumprod, "matched")
+    assert 0.0 < std < 1.0
+    matched = _runtime(setup, fields, "ddim", 4, 0.0, "matched")
+    scaled = _runtime(setup, [fields[0] * np.float32(std), *fields[1:]], "ddim", 4, 0.0, "paper")
+    np.testing.assert_array_equal(matched, scaled)
+    assert not np.array_equal(matched, _runtime(setup, fields, "ddim", 4, 0.0, "paper"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +189,14 @@ def test_cli_bad_input_is_one_line_and_nonzero(workspace):
     result = runner.invoke(main, ["--ckpt", str(workspace / "ckpt"), "--data", str(workspace / "data")])
     assert result.exit_code != 0 and len(result.output.strip().splitlines()) == 1
     assert "esrdf-train vgg-weights" in result.output and "--no-lpips" in result.output
+
+
+def test_checkpoint_sampling_json_fills_what_is_not_given(workspace, tmp_path):
+    """esrdf-eval runs a checkpoint's sampling.json (what its bundle records) where the caller is silent."""
+    from esrdf.checkpoint import write_sampling_defaults
+
+    ckpt = Path(shutil.copytree(workspace / "ckpt", tmp_path / "ckpt"))
+    write_sampling_defaults(ckpt, SamplingOptions("ddim", 2, 0.5, prior="paper"))
+    given = SamplingOptions(prior="matched")
+    report = evaluate(ckpt, workspace / "data", given, lpips=False, max_images=1, progress=False)
+    assert (report.sampler, report.steps, report.eta, report.prior) == ("ddim", 2, 0.5, "matched")

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from esrdf.config import SamplingOptions
 from esrdf.runtime.bundle import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -25,9 +26,11 @@ from esrdf.runtime.bundle import (
     ExportSettings,
     GraphEntry,
     Manifest,
+    SamplingEntry,
     ScheduleEntry,
     TensorEntry,
     load_bundle,
+    sampling_entry,
     sha256_file,
     write_bundle_atomically,
     write_manifest,
@@ -43,6 +46,9 @@ def _entries(role: str) -> tuple[list[TensorEntry], list[TensorEntry]]:
     )
 
 
+FAKE_SAMPLING = SamplingOptions("ddim", 20, 1.0, prior="matched")
+
+
 def build_fake_bundle(root: Path, photo: np.ndarray) -> Manifest:
     """Write stand-in graph files and a manifest that lists them with their sha256."""
     graphs = []
@@ -54,6 +60,7 @@ def build_fake_bundle(root: Path, photo: np.ndarray) -> Manifest:
         inputs, outputs = _entries(role)
         graphs.append(GraphEntry(role, precision, file, sha256_file(root / file), inputs, outputs, 18))
     alphas_cumprod = np.cumprod(1.0 - np.linspace(1e-6, 1e-2, 200))
+    schedule = ScheduleEntry("linear", 200, alphas_cumprod.tolist())
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         model_name="tiny",
@@ -61,12 +68,13 @@ def build_fake_bundle(root: Path, photo: np.ndarray) -> Manifest:
         channels=3,
         hr_multiple_of=4,
         value_range=[-1.0, 1.0],
-        schedule=ScheduleEntry("linear", 200, alphas_cumprod.tolist()),
+        schedule=schedule,
         graphs=graphs,
         export=ExportSettings(checkpoint="/ckpts/tiny", tile=32, batch=2),
         engines=[],
         parity={"step_fp32": {"max_abs_rel": 3.2e-6}},
         model_config={},
+        sampling=sampling_entry(schedule, FAKE_SAMPLING),
     )
     write_manifest(root, manifest)
     return manifest
@@ -234,3 +242,64 @@ def test_force_never_deletes_an_unrelated_folder(tmp_path: Path, astronaut: np.n
     with pytest.raises(BundleError, match="not an ESRDF bundle; refusing"):
         write_bundle_atomically(photos, lambda root: build_fake_bundle(root, astronaut), force=True)
     assert [p.name for p in photos.iterdir()] == ["a.png"]
+
+
+# ---- the sampling section ---------------------------------------------------------------------------------
+
+
+def test_sampling_section_round_trips_with_its_prior_std(bundle_dir: Path) -> None:
+    manifest = load_bundle(bundle_dir).manifest
+    ab = manifest.schedule.array()
+    assert manifest.sampling == SamplingEntry("ddim", 20, 1.0, "matched", float(np.sqrt(1.0 - ab[-1])))
+    assert 0.79 < manifest.sampling.init_noise_std < 0.80  # the paper's schedule ends at alpha_bar ~= 0.367
+    assert manifest.sampling_defaults() == FAKE_SAMPLING
+    data = json.loads((bundle_dir / MANIFEST_NAME).read_text())
+    assert set(data["sampling"]) == {"sampler", "steps", "eta", "prior", "init_noise_std"}
+    paper = sampling_entry(manifest.schedule, SamplingOptions(prior="paper"))
+    assert (paper.sampler, paper.steps, paper.eta, paper.init_noise_std) == ("ddim", 50, 0.0, 1.0)
+    again = dataclasses.replace(manifest, sampling=paper)
+    assert Manifest.from_json(again.to_json()) == again
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda s: s.update(init_noise_std=1.0), "is not the matched prior's"),
+        (lambda s: s.update(prior="uniform"), "'uniform' is not one of"),
+        (lambda s: s.update(sampler="ddpm"), "ddpm runs all T=200 steps"),
+        (lambda s: s.update(steps=201), r"steps must be in 1\.\.200"),
+        (lambda s: s.update(eta=1.5), r"eta must be in \[0, 1\]"),
+        (lambda s: s.update(seed=3), r"unknown key\(s\) \['seed'\]"),
+        (lambda s: s.pop("eta"), "missing key 'eta'"),
+    ],
+)
+def test_bad_sampling_section_is_refused(bundle_dir: Path, edit, match: str) -> None:
+    _edit_manifest(bundle_dir, lambda d: edit(d["sampling"]))
+    with pytest.raises(BundleError, match=match) as info:
+        load_bundle(bundle_dir)
+    assert "re-export with: esrdf-export" in str(info.value)
+
+
+def test_a_bundle_without_sampling_defaults_loads_with_one_notice_per_load(
+    bundle_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bundles exported before the section existed run the built-in defaults, and say so once per load."""
+    _edit_manifest(bundle_dir, lambda d: d.pop("sampling"))
+    with caplog.at_level("WARNING", logger="esrdf.runtime.bundle"):
+        manifest = load_bundle(bundle_dir).manifest
+        notices = [r.getMessage() for r in caplog.records]
+        assert manifest.sampling is None and manifest.sampling_defaults() == SamplingOptions()
+        assert len(notices) == 1 and "\n" not in notices[0], notices
+        assert "built-in ones: ddim, 50 steps, eta 0, matched prior (x_T std 0.7959)" in notices[0]
+        assert notices[0].endswith(f"--ckpt /ckpts/tiny --out {bundle_dir} --precision both --force")
+        load_bundle(bundle_dir)
+        assert len(caplog.records) == 2  # once per load
+        caplog.clear()
+        _edit_manifest(bundle_dir, lambda d: d.update(sampling=_section(d)))
+        assert load_bundle(bundle_dir).manifest.sampling is not None and not caplog.records
+
+
+def _section(d: dict) -> dict:
+    """FAKE_SAMPLING as the export writes it into the manifest ``d``."""
+    schedule = ScheduleEntry(**d["schedule"])
+    return dataclasses.asdict(sampling_entry(schedule, FAKE_SAMPLING))

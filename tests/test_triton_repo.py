@@ -85,8 +85,8 @@ def test_bls_model_compiles_and_serves_like_the_runtime(
     repo = write_triton_repo(bundle, bundle.parent / "repo-bls")
     config = _config(repo.path, BLS_MODEL)
     assert config.backend == "python" and config.max_batch_size == 0
-    assert [t.name for t in config.input] == ["image", "seed", "steps", "sampler", "eta"]
-    assert [t.optional for t in config.input] == [False, True, True, True, True]
+    assert [t.name for t in config.input] == ["image", "seed", "steps", "sampler", "eta", "prior"]
+    assert [t.optional for t in config.input] == [False, True, True, True, True, True]
     py_compile.compile(str(repo.path / BLS_MODEL / "1" / "model.py"), doraise=True)
     settings = BlsSettings.from_parameters(_params(config))
     assert (settings.tile, settings.overlap, settings.batch, settings.batched) == (8, 1, 2, True)
@@ -98,11 +98,18 @@ def test_bls_model_compiles_and_serves_like_the_runtime(
     reference = Upscaler(bundle, threads=1, tile=s.tile, overlap=s.overlap, batch=s.batch)
     rgb = np.ascontiguousarray(eval_photos["coffee"][100:114, 200:217])
     request = {"image": rgb, "seed": np.array([4], np.uint64), "steps": np.array([STEPS], np.int32),
-               "sampler": np.array([b"ddim"], object), "eta": np.array([0.5], np.float32)}  # fmt: skip
+               "sampler": np.array([b"ddim"], object), "eta": np.array([0.5], np.float32),
+               "prior": np.array([b"paper"], object)}  # fmt: skip
     out = upscale_request(engine, manifest, settings, request)
-    np.testing.assert_array_equal(out, reference(rgb, SamplingOptions(steps=STEPS, seed=4, eta=0.5)))
-    default = upscale_request(engine, manifest, settings, {"image": rgb})  # seed 0, the runtime's steps
+    np.testing.assert_array_equal(
+        out, reference(rgb, SamplingOptions(steps=STEPS, seed=4, eta=0.5, prior="paper"))
+    )
+    # Nothing given: seed 0 and the bundle's sampling section, as Upscaler's defaults
+    default = upscale_request(engine, manifest, settings, {"image": rgb})
     np.testing.assert_array_equal(default, reference(rgb))
+    assert manifest.sampling is not None
+    s = manifest.sampling
+    assert reference.sampling() == SamplingOptions(s.sampler, s.steps, s.eta, 0, s.prior).resolve(200)
     with pytest.raises(ValueError, match=r"steps must be in 1\.\.200"):
         upscale_request(engine, manifest, settings, {**request, "steps": np.array([500], np.int32)})
 

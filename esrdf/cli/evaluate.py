@@ -11,7 +11,8 @@ from typing import Any
 
 import click
 
-from esrdf.config import PRIORS, SAMPLERS, SamplingOptions
+from esrdf.cli.sampling import sampling_options
+from esrdf.config import SamplingOptions
 
 
 def _fmt(value: float | None, digits: int) -> str:
@@ -89,15 +90,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--ckpt", "ckpt", required=True, type=click.Path(path_type=Path), help="Checkpoint directory.")
 @click.option("--data", "data", required=True, type=click.Path(path_type=Path), help="Folder of HR images.")
-@click.option("--steps", type=int, default=None, help="Sampling steps (default: all T of the schedule).")
-@click.option("--sampler", type=click.Choice(SAMPLERS), default=None, help="Sampler (default: ddim).")
-@click.option("--eta", type=float, default=None, help="DDIM eta in [0, 1] (default: 0).")
-@click.option("--seed", type=int, default=None, help="Image i uses seed + i (default: 0).")
-@click.option(
-    "--prior",
-    type=click.Choice(PRIORS),
-    default=None,
-    help="x_T ~ N(0, (1 - alpha_bar_T) I) (matched, the default), or N(0, I) as the paper.",
+@sampling_options(
+    "the checkpoint's sampling.json",
+    seed_help="Image i uses seed + i",
 )
 @click.option(
     "--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the report here."
@@ -127,11 +122,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 def main(
     ckpt: Path,
     data: Path,
-    steps: int | None,
-    sampler: str | None,
-    eta: float | None,
-    seed: int | None,
-    prior: str | None,
+    sampling: SamplingOptions,
     json_out: Path | None,
     side_by_side: Path | None,
     fid: bool,
@@ -140,7 +131,10 @@ def main(
     max_images: int | None,
     device: str | None,
 ) -> None:
-    """Compare bicubic, predictor-only and full ESRDF outputs on the HR images under --data."""
+    """Compare bicubic, predictor-only and full ESRDF outputs on the HR images under --data.
+
+    Sampling flags not given come from the checkpoint's sampling.json; without one: DDIM over all T steps,
+    eta 0, the matched prior."""
     from rich.console import Console
 
     from esrdf.evaluate import evaluate
@@ -149,7 +143,7 @@ def main(
         report = evaluate(
             ckpt,
             data,
-            SamplingOptions(sampler, steps, eta, seed, prior),
+            sampling,
             device=device,
             lpips=not no_lpips,
             fid=fid,

@@ -15,18 +15,16 @@ from pathlib import Path
 from esrdf.config import SamplingOptions
 
 __all__ = [
-    "RECOMMENDED_ETA",
     "RECOMMENDED_SAMPLING",
     "default_bundle_dir",
     "default_checkpoint_dir",
 ]
 
 
-# Chosen by the sweep of steps, eta and prior on the held-out photos in MODEL_CARD.md; the bundle's sampling
-# defaults are these.
+# Chosen by the sweep of steps, eta and prior on the held-out photos in MODEL_CARD.md. The shipped checkpoint
+# carries them as sampling.json and the shipped bundle in its manifest's sampling section (written by
+# ``recipe.ship_checkpoint`` and the export); tests/test_default_model.py checks that all three agree.
 RECOMMENDED_SAMPLING = SamplingOptions(sampler="ddim", steps=20, eta=1.0, prior="matched")
-# esrdf-run uses it when given neither --engine nor --eta.
-RECOMMENDED_ETA = RECOMMENDED_SAMPLING.eta
 
 
 def _shipped_dir(name: str) -> Path:

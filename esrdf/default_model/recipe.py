@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from esrdf.config import PRIORS, ModelConfig, SamplingOptions, UNetConfig, preset
+from esrdf.cli.sampling import sampling_options
+from esrdf.config import ModelConfig, SamplingOptions, UNetConfig, preset
 from esrdf.default_model import RECOMMENDED_SAMPLING
 from esrdf.default_model.goals import Goal, check_goals
 
@@ -179,17 +180,25 @@ def ship_checkpoint(diffusion_dir: Path, target: Path) -> Path:
     state, floating-point tensors stored in fp16 to fit the package budget.
 
     Loading upcasts them: ``load_state_dict`` copies into the fp32 parameters the config builds. The bundle
-    is exported from this fp16-rounded checkpoint, so checkpoint and bundle are the same model.
+    is exported from this fp16-rounded checkpoint, so checkpoint and bundle are the same model. The
+    recommended sampling (``RECOMMENDED_SAMPLING``) goes with it as ``sampling.json``.
     """
     from safetensors.torch import save_file
 
-    from esrdf.checkpoint import MODEL_FILE, load_checkpoint, read_tensors, save_checkpoint
+    from esrdf.checkpoint import (
+        MODEL_FILE,
+        load_checkpoint,
+        read_tensors,
+        save_checkpoint,
+        write_sampling_defaults,
+    )
 
     loaded = load_checkpoint(diffusion_dir)  # unet holds the EMA weights when the checkpoint has them
     save_checkpoint(target, loaded.config, loaded.predictor, loaded.unet, overwrite=True)
     file = target / MODEL_FILE
     tensors = {k: v.half() if v.is_floating_point() else v for k, v in read_tensors(file).items()}
     save_file(tensors, str(file))
+    write_sampling_defaults(target, RECOMMENDED_SAMPLING)  # the export writes them into the bundle
     return target
 
 
@@ -260,16 +269,13 @@ def train_command(out: Path | None, predictor_steps: int, diffusion_steps: int, 
 )
 @click.option("--photos", type=click.Path(path_type=Path), default=None, help="[--out/held_out]")
 @_OUT
-@click.option("--steps", type=click.IntRange(min=1), default=RECOMMENDED_SAMPLING.steps, show_default=True)
-@click.option("--eta", type=click.FloatRange(0.0, 1.0), default=RECOMMENDED_SAMPLING.eta, show_default=True)
-@click.option("--prior", type=click.Choice(PRIORS), default=RECOMMENDED_SAMPLING.prior, show_default=True)
-def evaluate_command(
-    ckpt: Path, photos: Path | None, out: Path | None, steps: int, eta: float, prior: str
-) -> None:
-    """Score the model on the held-out photos (DDIM, the bundle's default sampling unless told otherwise):
-    mean scores per method, then each quality goal of MODEL_CARD.md, met or missed."""
+@sampling_options("the checkpoint's sampling.json", seed=False)
+def evaluate_command(ckpt: Path, photos: Path | None, out: Path | None, sampling: SamplingOptions) -> None:
+    """Score the model on the held-out photos (seed 0; the checkpoint's sampling.json, which the shipped
+    bundle also records, unless told otherwise): mean scores per method, then each quality goal of
+    MODEL_CARD.md, met or missed."""
     out = out or default_state_dir()
-    sampling = dataclasses.replace(RECOMMENDED_SAMPLING, steps=steps, eta=eta, prior=prior, seed=0)
+    sampling = dataclasses.replace(sampling, seed=0)
     report_path = out / "eval.json"
     means, goals = evaluate_default_model(ckpt, photos or out / "held_out", sampling, report_path)
     click.echo(json.dumps(means, indent=2))

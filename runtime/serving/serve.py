@@ -83,6 +83,7 @@ def _tile_tensors(reference: Upscaler) -> tuple[list[Any], list[Any]]:
         Tensor(name="steps", dtype=np.int32, shape=(1,)),
         Tensor(name="sampler", dtype=np.bytes_, shape=(1,)),
         Tensor(name="eta", dtype=np.float32, shape=(1,)),
+        Tensor(name="prior", dtype=np.bytes_, shape=(1,)),
     ]
     return inputs, [Tensor(name="hr", dtype=np.float32, shape=(c, s * t, s * t))]
 
@@ -96,6 +97,7 @@ def _image_tensors() -> tuple[list[Any], list[Any]]:
         Tensor(name="steps", dtype=np.int32, shape=(1,), optional=True),
         Tensor(name="sampler", dtype=np.bytes_, shape=(1,), optional=True),
         Tensor(name="eta", dtype=np.float32, shape=(1,), optional=True),
+        Tensor(name="prior", dtype=np.bytes_, shape=(1,), optional=True),
     ]
     return inputs, [Tensor(name="image", dtype=np.uint8, shape=(-1, -1, 3))]
 

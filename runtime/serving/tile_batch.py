@@ -33,7 +33,7 @@ from esrdf.runtime.bundle import Manifest
 from esrdf.runtime.driver import sample_tiles, tile_image
 from esrdf.runtime.engine import BatchSampler, BatchSamplerFactory, NoiseFn
 from esrdf.runtime.noise import noise_field
-from esrdf.runtime.sampling import StepPlan, plan_steps
+from esrdf.runtime.sampling import StepPlan, plan_for
 from esrdf.runtime.tiling import Tile
 
 # (lr_tiles (B, C, th, tw), corners (B, 2) int64 LR canvas (y0, x0)) -> HR tiles (B, C, th*s, tw*s)
@@ -61,7 +61,7 @@ class PlanCache:
             plan = self._plans.get(key)
         if plan is None:
             # ValueError for bad options (steps > T, unknown sampler, eta outside [0, 1]) reaches the caller.
-            plan = plan_steps(self._alphas_cumprod, sampling.sampler, sampling.steps, sampling.eta)
+            plan = plan_for(self._alphas_cumprod, sampling)
             with self._lock:
                 self._plans[key] = plan
         return plan

@@ -8,7 +8,7 @@ Design (whole image in front, tiles behind):
                          v
                       "esrdf_tiles" (dynamic batching; one instance per worker, each with its own engine)
                          tiles of different requests, seeds and sizes merge into one engine batch;
-                         rows sharing (steps, sampler, eta) run as one pass of predictor + N steps
+                         rows sharing (steps, sampler, eta, prior) run as one pass of predictor + N steps
 
 Clients send whole images to ``esrdf``; ``esrdf_tiles`` is also public, for clients that tile themselves.
 Its rows carry their request's seed and their corner in that request's padded LR canvas, so a tile's noise
@@ -17,11 +17,13 @@ output equals ``Upscaler(bundle)(image, options)`` up to how the engine rounds d
 (same bytes when the batches are the same; see tests/test_serve.py).
 
 ``esrdf`` inputs (no batch dimension): ``image`` UINT8 [H, W, 3]; optional ``seed`` UINT64 [1] (default 0),
-``steps`` INT32 [1] (default: the runtime's), ``sampler`` BYTES [1] ("ddim" | "ddpm"), ``eta`` FP32 [1].
-Output: ``image`` UINT8 [scale*H, scale*W, 3].
+``steps`` INT32 [1], ``sampler`` BYTES [1] ("ddim" | "ddpm"), ``eta`` FP32 [1], ``prior`` BYTES [1]
+("matched" | "paper"); each one left out (or steps 0) is the bundle's sampling default. Output: ``image``
+UINT8 [scale*H, scale*W, 3].
 
 ``esrdf_tiles`` inputs per row: ``lr`` FP32 [C, tile, tile] in [-1, 1], ``corner`` INT64 [2] (LR canvas
-y0, x0), ``seed`` UINT64 [1], ``steps`` INT32 [1], ``sampler`` BYTES [1], ``eta`` FP32 [1]. Output: ``hr``
+y0, x0), ``seed`` UINT64 [1], ``steps`` INT32 [1], ``sampler`` BYTES [1], ``eta`` FP32 [1], ``prior`` BYTES
+[1] (all given: tiles carry resolved options). Output: ``hr``
 FP32 [C, scale*tile, scale*tile] (coarse + sampled residual, not yet clipped or blended).
 """
 
@@ -52,7 +54,7 @@ class ImageRequest:
     """A decoded ``esrdf`` request."""
 
     rgb: np.ndarray  # H x W x 3 uint8
-    options: SamplingOptions  # what the request gives; the rest resolves against the bundle's schedule
+    options: SamplingOptions  # what the request gives; the rest comes from the bundle's sampling defaults
 
 
 def _scalar(request: Any, name: str) -> Any:
@@ -71,14 +73,20 @@ def decode_image_request(request: Any) -> ImageRequest:
     rgb = np.asarray(request["image"])
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or 0 in rgb.shape:
         raise ValueError(f"input 'image' must be UINT8 [H, W, 3], got {rgb.dtype} {list(rgb.shape)}")
-    sampler, steps, eta, seed = (_scalar(request, n) for n in ("sampler", "steps", "eta", "seed"))
+    names = ("sampler", "steps", "eta", "seed", "prior")
+    sampler, steps, eta, seed, prior = (_scalar(request, n) for n in names)
     options = SamplingOptions(
         sampler=None if sampler is None else str(sampler),
-        steps=(int(steps) or None) if steps is not None else None,  # 0 or absent: the default
+        steps=(int(steps) or None) if steps is not None else None,  # 0 or absent: the bundle's default
         eta=None if eta is None else float(eta),
         seed=None if seed is None else int(seed),
+        prior=None if prior is None else str(prior),
     )
     return ImageRequest(np.ascontiguousarray(rgb), options)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class TileModel:
@@ -100,18 +108,19 @@ class TileModel:
         lr = np.concatenate([np.asarray(r["lr"], dtype=np.float32) for r in requests])
         column = {
             n: np.concatenate([np.asarray(r[n]) for r in requests])
-            for n in ("corner", "seed", "steps", "sampler", "eta")
+            for n in ("corner", "seed", "steps", "sampler", "eta", "prior")
         }
         rows = [
             SeededTile(int(y), int(x), int(s))
             for (y, x), s in zip(column["corner"], column["seed"][:, 0], strict=True)
         ]
         options = [
-            ResolvedSampling(s.decode() if isinstance(s, bytes) else str(s), int(n), float(e), row.seed)
-            for n, s, e, row in zip(
-                column["steps"][:, 0], column["sampler"][:, 0], column["eta"][:, 0], rows, strict=True
+            ResolvedSampling(_text(s), int(n), float(e), row.seed, _text(p))
+            for n, s, e, p, row in zip(
+                column["steps"][:, 0], column["sampler"][:, 0], column["eta"][:, 0], column["prior"][:, 0],
+                rows, strict=True,
             )
-        ]
+        ]  # fmt: skip
         hr = sample_tile_rows(self.upscaler.manifest, lr, rows, options, self.plans, self._sampler)
         return [{"hr": part} for part in np.split(hr, np.cumsum(sizes)[:-1])]
 
@@ -147,7 +156,7 @@ class ImageModel:
             raise ValueError(
                 f"image has {height * width:,} pixels, over this server's limit of {self.max_pixels:,}"
             )
-        o = req.options.resolve(self.manifest.schedule.timesteps)
+        o = req.options.resolve(self.manifest.schedule.timesteps, self.manifest.sampling_defaults())
         self.plans.plan(o)  # bad options fail here, before any tile is sent
 
         def send(lr_tiles: np.ndarray, corners: np.ndarray) -> np.ndarray:
@@ -157,6 +166,7 @@ class ImageModel:
                 steps=np.full((n, 1), o.steps, dtype=np.int32),
                 sampler=np.full((n, 1), o.sampler.encode(), dtype=object),
                 eta=np.full((n, 1), o.eta, dtype=np.float32),
+                prior=np.full((n, 1), o.prior.encode(), dtype=object),
             )  # fmt: skip
             return np.asarray(result["hr"], dtype=np.float32)
 

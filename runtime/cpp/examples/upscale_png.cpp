@@ -1,7 +1,8 @@
 // Read a PNG, upscale it with an ESRDF bundle, write a PNG.
 //
-//   upscale_png BUNDLE IN.png OUT.png [--steps N] [--sampler ddim|ddpm] [--eta E] [--seed S]
-//                                     [--backend openvino[:bf16]|aoti|tensorrt]
+//   upscale_png BUNDLE IN.png OUT.png [--steps N] [--sampler ddim|ddpm] [--eta E] [--prior matched|paper]
+//               [--seed S] [--backend openvino[:bf16]|aoti|tensorrt]
+//   (each sampling flag left out: the bundle's default; no --backend: the library's default)
 //
 // Uses only the C API (esrdf_c.h), as a service in another language would. PNGs are read with libpng's
 // simplified API as 8-bit sRGB RGB: grey and palette images are expanded, 16-bit images reduced, and an
@@ -20,16 +21,16 @@
 namespace {
 
 struct Args {
-  std::string bundle, input, output, sampler = "ddim", backend;  // "": the library's default
+  std::string bundle, input, output, sampler, prior, backend;  // "": the bundle's / library's default
   int steps = 0;
-  double eta = 0.0;
+  double eta = ESRDF_DEFAULT_ETA;
   unsigned long long seed = 0;
 };
 
 int usage(const char* why) {
   std::fprintf(stderr,
                "error: %s\nusage: upscale_png BUNDLE IN.png OUT.png [--steps N] [--sampler ddim|ddpm] "
-               "[--eta E] [--seed S] [--backend openvino[:bf16]|aoti|tensorrt]\n",
+               "[--eta E] [--prior matched|paper] [--seed S] [--backend openvino[:bf16]|aoti|tensorrt]\n",
                why);
   return 2;
 }
@@ -47,6 +48,7 @@ bool parse(int argc, char** argv, Args& a) {
     if (arg == "--steps") a.steps = std::atoi(value);
     else if (arg == "--sampler") a.sampler = value;
     else if (arg == "--eta") a.eta = std::atof(value);
+    else if (arg == "--prior") a.prior = value;
     else if (arg == "--seed") a.seed = std::strtoull(value, nullptr, 10);
     else if (arg == "--backend") a.backend = value;
     else return false;
@@ -112,8 +114,9 @@ int main(int argc, char** argv) {
   }
   const int scale = esrdf_scale(handle);
   std::vector<uint8_t> out(static_cast<size_t>(width) * scale * height * scale * 3);
-  rc = esrdf_upscale(handle, rgb.data(), width, height, args.steps, args.sampler.c_str(), args.eta, args.seed,
-                     out.data(), err, sizeof err);
+  rc = esrdf_upscale(handle, rgb.data(), width, height, args.steps,
+                     args.sampler.empty() ? nullptr : args.sampler.c_str(), args.eta,
+                     args.prior.empty() ? nullptr : args.prior.c_str(), args.seed, out.data(), err, sizeof err);
   esrdf_close(handle);
   if (rc != ESRDF_OK) {
     std::fprintf(stderr, "error: %s (%s)\n", err, esrdf_status_name(rc));

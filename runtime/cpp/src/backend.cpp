@@ -6,7 +6,13 @@
 
 namespace esrdf {
 
-// c = predictor(lr); x = z_0; x = step(x, c, t_k, coefs_k, z_{k+1}) for k = 0..N-1; hr = c + x
+void scale_initial_noise(const StepPlan& plan, float* x, size_t n) {
+  if (plan.init_noise_std == 1.0) return;
+  const auto s = static_cast<float>(plan.init_noise_std);  // numpy: float32 field * np.float32(std)
+  for (size_t i = 0; i < n; ++i) x[i] *= s;
+}
+
+// c = predictor(lr); x = s z_0 (s = plan.init_noise_std); x = step(x, c, t_k, coefs_k, z_{k+1}) for k = 0..N-1; hr = c + x
 // (paper Section 3, Eq. 6-7 in the affine form of the step graph; the residual formulation of Section 4).
 void Backend::sample_batch(const BatchShape& shape, const float* lr, const StepPlan& plan,
                            const NoiseFill& noise, float* hr) {
@@ -15,6 +21,7 @@ void Backend::sample_batch(const BatchShape& shape, const float* lr, const StepP
   std::vector<float> t(static_cast<size_t>(shape.batch)), coefs(static_cast<size_t>(shape.batch) * 3);
   predictor(shape, lr, coarse.data());
   noise(0, x.data());
+  scale_initial_noise(plan, x.data(), n);
   for (int k = 0; k < plan.num_steps(); ++k) {
     for (int b = 0; b < shape.batch; ++b) {  // every tile of the batch is at the same step
       t[b] = plan.t[k];

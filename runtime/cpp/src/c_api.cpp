@@ -1,6 +1,7 @@
 // The extern "C" API (esrdf_c.h): every entry point catches everything, so no exception crosses it.
 #include "esrdf/esrdf_c.h"
 
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <new>
@@ -45,11 +46,14 @@ void require(bool ok, const char* what) {
   if (!ok) throw esrdf::Error(esrdf::ErrorCode::kInvalidArgument, what);
 }
 
-esrdf::SampleOptions sample_options(int steps, const char* sampler, double eta, uint64_t seed) {
+// 0 / NULL / NaN: the bundle's default (esrdf_c.h).
+esrdf::SampleOptions sample_options(int steps, const char* sampler, double eta, const char* prior, uint64_t seed) {
+  require(steps >= 0, "steps must be >= 0 (0: the bundle's default)");
   esrdf::SampleOptions options;
   options.steps = steps;
-  options.sampler = esrdf::parse_sampler(sampler == nullptr ? "ddim" : sampler);
-  options.eta = eta;
+  if (sampler != nullptr) options.sampler = esrdf::parse_sampler(sampler);
+  if (!std::isnan(eta)) options.eta = eta;
+  if (prior != nullptr) options.prior = esrdf::parse_prior(prior);
   options.seed = seed;
   return options;
 }
@@ -96,19 +100,23 @@ const char* esrdf_backend(const esrdf_handle* handle) {
 }
 
 int esrdf_upscale(esrdf_handle* handle, const uint8_t* rgb_in, int w, int h, int steps, const char* sampler,
-                  double eta, uint64_t seed, uint8_t* rgb_out, char* err_buf, size_t err_len) {
+                  double eta, const char* prior, uint64_t seed, uint8_t* rgb_out, char* err_buf,
+                  size_t err_len) {
   return guarded(err_buf, err_len, [&] {
     check_image_args(handle, rgb_in, w, h, rgb_out);
-    const auto hr = handle->upscaler->upscale_rgb8(rgb_in, w, h, sample_options(steps, sampler, eta, seed));
+    const auto options = sample_options(steps, sampler, eta, prior, seed);
+    const auto hr = handle->upscaler->upscale_rgb8(rgb_in, w, h, options);
     std::memcpy(rgb_out, hr.data(), hr.size());
   });
 }
 
 int esrdf_upscale_f32(esrdf_handle* handle, const float* chw_in, int w, int h, int steps, const char* sampler,
-                      double eta, uint64_t seed, float* chw_out, char* err_buf, size_t err_len) {
+                      double eta, const char* prior, uint64_t seed, float* chw_out, char* err_buf,
+                      size_t err_len) {
   return guarded(err_buf, err_len, [&] {
     check_image_args(handle, chw_in, w, h, chw_out);
-    const auto hr = handle->upscaler->upscale_chw(chw_in, h, w, sample_options(steps, sampler, eta, seed));
+    const auto options = sample_options(steps, sampler, eta, prior, seed);
+    const auto hr = handle->upscaler->upscale_chw(chw_in, h, w, options);
     std::memcpy(chw_out, hr.data(), hr.size() * sizeof(float));
   });
 }

@@ -6,6 +6,9 @@
 // round-tripping repr, so the float64 schedule reloads bit-exact.
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
 #include <fstream>
 #include <numeric>
 #include <set>
@@ -23,11 +26,13 @@ using nlohmann::json;
   throw Error(ErrorCode::kBadBundle, "manifest: " + where + ": " + what);
 }
 
-void check_keys(const json& obj, const std::string& where, const std::set<std::string>& expected) {
+// ``added_later``: keys a manifest written before they existed may lack (ADDED_LATER in esrdf/config.py).
+void check_keys(const json& obj, const std::string& where, const std::set<std::string>& expected,
+                const std::set<std::string>& added_later = {}) {
   if (!obj.is_object()) bad(where, "expected an object");
   std::string unknown, missing;
   for (const auto& item : obj.items()) {
-    if (!expected.count(item.key())) unknown += " " + item.key();
+    if (!expected.count(item.key()) && !added_later.count(item.key())) unknown += " " + item.key();
   }
   for (const auto& key : expected) {
     if (!obj.contains(key)) missing += " " + key;
@@ -128,6 +133,39 @@ void read_schedule(Manifest& m, const json& obj) {
   }
 }
 
+double number(const json& obj, const std::string& key, const std::string& where) {
+  const json& v = obj.at(key);
+  if (!v.is_number()) bad(where + "." + key, "expected a number");
+  return v.get<double>();
+}
+
+// "sampling": sampler, steps, eta, prior and x_T's std, checked as esrdf/runtime/bundle.py does.
+void read_sampling(Manifest& m, const json& doc) {
+  if (!doc.contains("sampling") || doc.at("sampling").is_null()) return;
+  const json& s = doc.at("sampling");
+  check_keys(s, "sampling", {"sampler", "steps", "eta", "prior", "init_noise_std"});
+  SamplingDefaults d;
+  const std::string sampler = str(s, "sampler", "sampling"), prior = str(s, "prior", "sampling");
+  if (sampler != "ddim" && sampler != "ddpm") bad("sampling.sampler", "'" + sampler + "' is not ddim|ddpm");
+  if (prior != "matched" && prior != "paper") bad("sampling.prior", "'" + prior + "' is not matched|paper");
+  d.sampler = parse_sampler(sampler);
+  d.prior = parse_prior(prior);
+  d.steps = static_cast<int>(integer(s, "steps", "sampling"));
+  d.eta = number(s, "eta", "sampling");
+  d.init_noise_std = number(s, "init_noise_std", "sampling");
+  const int t = static_cast<int>(m.alphas_cumprod.size());
+  if (d.steps < 1 || d.steps > t || (d.sampler == Sampler::kDdpm && d.steps != t)) {
+    bad("sampling.steps", std::to_string(d.steps) + " is not a step count this schedule (T=" + std::to_string(t) +
+                              ") runs with " + sampler);
+  }
+  if (!(d.eta >= 0.0 && d.eta <= 1.0)) bad("sampling.eta", "must be in [0, 1]");
+  const double expected = init_noise_std(m.alphas_cumprod, d.prior);
+  if (!(std::abs(d.init_noise_std - expected) <= 1e-12 * expected)) {
+    bad("sampling.init_noise_std", "is not the " + prior + " prior's std for this schedule");
+  }
+  m.sampling = d;
+}
+
 bool is_file(const std::string& path) {
   struct stat st {};
   return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
@@ -143,6 +181,14 @@ std::string read_text(const std::string& path) {
 }  // namespace
 
 int Manifest::lr_multiple_of() const { return hr_multiple_of / std::gcd(hr_multiple_of, scale); }
+
+SamplingDefaults Manifest::sampling_defaults() const {
+  if (sampling) return *sampling;
+  SamplingDefaults d;  // the built-in rule: DDIM, min(50, T) steps, eta 0, matched prior
+  d.steps = std::min<int>(kBuiltinSteps, static_cast<int>(alphas_cumprod.size()));
+  d.init_noise_std = init_noise_std(alphas_cumprod, d.prior);
+  return d;
+}
 
 const FileEntry* Manifest::graph(const std::string& role, const std::string& precision) const {
   for (const auto& g : graphs) {
@@ -177,7 +223,8 @@ Manifest decode_manifest(const json& doc) {
   }
   check_keys(doc, "manifest",
              {"format_version", "model_name", "scale", "channels", "hr_multiple_of", "value_range", "schedule",
-              "graphs", "export", "engines", "parity", "torch_weights", "provenance", "model_config"});
+              "graphs", "export", "engines", "parity", "torch_weights", "provenance", "model_config"},
+             {"sampling"});
   Manifest m;
   m.format_version = kFormatVersion;
   m.model_name = str(doc, "model_name", "manifest");
@@ -204,6 +251,7 @@ Manifest decode_manifest(const json& doc) {
     m.engines.push_back(entry);
   }
   read_export(m, doc);
+  read_sampling(m, doc);
   return m;
 }
 
@@ -257,6 +305,13 @@ Bundle load_bundle(const std::string& dir, bool verify) {
     bundle.manifest = parse_manifest(text);
   } catch (const Error& exc) {
     throw Error(exc.code(), path + ": " + exc.what() + "; " + reexport_command(dir, checkpoint_named_in(text), ""));
+  }
+  if (!bundle.manifest.sampling) {
+    const SamplingDefaults d = bundle.manifest.sampling_defaults();
+    std::fprintf(stderr,
+                 "esrdf: %s: the manifest has no sampling defaults (exported before they were recorded); using "
+                 "the built-in ones: ddim, %d steps, eta 0, matched prior (x_T std %.4f); %s\n",
+                 dir.c_str(), d.steps, d.init_noise_std, reexport_hint(bundle).c_str());
   }
   std::vector<std::pair<std::string, std::string>> files;  // (file, sha256) of every listed file
   for (const auto& g : bundle.manifest.graphs) files.emplace_back(g.file, g.sha256);

@@ -64,6 +64,17 @@ Sampler parse_sampler(const std::string& name) {
   throw Error(ErrorCode::kInvalidArgument, "unknown sampler '" + name + "'; expected ddim or ddpm");
 }
 
+Prior parse_prior(const std::string& name) {
+  if (name == "matched") return Prior::kMatched;
+  if (name == "paper") return Prior::kPaper;
+  throw Error(ErrorCode::kInvalidArgument, "unknown prior '" + name + "'; expected matched or paper");
+}
+
+double init_noise_std(const std::vector<double>& alphas_cumprod, Prior prior) {
+  if (prior == Prior::kPaper || alphas_cumprod.empty()) return 1.0;
+  return std::sqrt(1.0 - alphas_cumprod.back());  // correctly rounded, as numpy's float64 sqrt
+}
+
 // np.unique(np.linspace(T-1, 0, steps).round().astype(np.int64))[::-1], with numpy's linspace arithmetic:
 // y_i = i * ((stop - start) / (steps - 1)) + start, the last value set to stop; round half to even.
 std::vector<int64_t> ddim_timesteps(int64_t num_timesteps, int64_t steps) {
@@ -90,12 +101,14 @@ std::vector<int64_t> ddim_timesteps(int64_t num_timesteps, int64_t steps) {
   return {unique.rbegin(), unique.rend()};
 }
 
-StepPlan plan_steps(const std::vector<double>& alphas_cumprod, Sampler sampler, int steps, double eta) {
+StepPlan plan_steps(const std::vector<double>& alphas_cumprod, Sampler sampler, int steps, double eta,
+                    Prior prior) {
   check_schedule(alphas_cumprod);
   const auto num_timesteps = static_cast<int64_t>(alphas_cumprod.size());
   StepPlan plan;
   plan.sampler = sampler;
   plan.eta = eta;
+  plan.init_noise_std = init_noise_std(alphas_cumprod, prior);
   std::vector<Row> rows;
   if (sampler == Sampler::kDdim) {
     if (!(eta >= 0.0 && eta <= 1.0)) {

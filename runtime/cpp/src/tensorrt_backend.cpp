@@ -287,6 +287,7 @@ void TensorRtBackend::sample_batch(const BatchShape& shape, const float* lr, con
   const size_t hr_n = static_cast<size_t>(shape_.hr_numel()), b = static_cast<size_t>(shape_.batch);
   std::memcpy(lr_host_.get(), lr, sizeof(float) * static_cast<size_t>(shape_.lr_numel()));
   for (int k = 0; k <= n; ++k) noise(k, noise_host_.get() + static_cast<size_t>(k) * hr_n);
+  scale_initial_noise(plan, noise_host_.get(), hr_n);  // field 0 is x_T
   for (size_t k = 0; k < static_cast<size_t>(n); ++k) {
     for (size_t i = 0; i < b; ++i) {
       t_host_.get()[k * b + i] = plan.t[k];

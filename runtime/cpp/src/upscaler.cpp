@@ -9,7 +9,6 @@ namespace esrdf {
 namespace {
 
 constexpr int kDefaultTile = 64;   // LR pixels, when neither the caller, the backend nor the bundle says
-constexpr int kDefaultSteps = 50;  // DDIM steps when the caller gives none (as the Python Upscaler)
 
 int first_positive(int a, int b, int c) { return a > 0 ? a : (b > 0 ? b : c); }
 
@@ -78,11 +77,15 @@ Upscaler::Upscaler(const std::string& bundle_dir, const UpscalerOptions& options
 
 Upscaler::~Upscaler() = default;
 
+// What the request leaves out comes from the bundle's defaults (SamplingOptions.resolve in esrdf/config.py).
 StepPlan Upscaler::step_plan(const SampleOptions& options) const {
   const auto& ab = bundle_.manifest.alphas_cumprod;
+  const SamplingDefaults d = bundle_.manifest.sampling_defaults();
+  const Sampler sampler = options.sampler.value_or(d.sampler);
   int steps = options.steps;
-  if (steps <= 0 && options.sampler == Sampler::kDdim) steps = std::min<int>(kDefaultSteps, int(ab.size()));
-  return plan_steps(ab, options.sampler, steps, options.eta);
+  if (steps <= 0 && sampler == d.sampler) steps = d.steps;  // another sampler does not take the default's steps
+  if (steps <= 0 && sampler == Sampler::kDdim) steps = std::min<int>(kBuiltinSteps, int(ab.size()));
+  return plan_steps(ab, sampler, steps, options.eta.value_or(d.eta), options.prior.value_or(d.prior));
 }
 
 std::vector<float> Upscaler::upscale_chw(const float* chw, int height, int width, const SampleOptions& options) {

@@ -23,7 +23,8 @@ static void checks_arguments(void) {
   CHECK(esrdf_open(NULL, "aoti", &h, err, sizeof err) == ESRDF_ERR_INVALID_ARGUMENT && h == NULL);
   CHECK(esrdf_open("/nonexistent/bundle", NULL, &h, err, sizeof err) == ESRDF_ERR_NOT_FOUND);
   CHECK(strstr(err, "/nonexistent/bundle: not an ESRDF bundle") != NULL);
-  CHECK(esrdf_upscale(NULL, NULL, 4, 4, 1, "ddim", 0.0, 0, NULL, err, sizeof err) == ESRDF_ERR_INVALID_ARGUMENT);
+  CHECK(esrdf_upscale(NULL, NULL, 4, 4, 1, "ddim", 0.0, NULL, 0, NULL, err, sizeof err) ==
+        ESRDF_ERR_INVALID_ARGUMENT);
   CHECK(esrdf_scale(NULL) == 0);
   esrdf_close(NULL);
 }
@@ -86,13 +87,41 @@ static void upscales_through_a_handle(const char* bundle) {
   for (i = 0; i < W * H * 3; ++i) rgb[i] = (unsigned char)((i * 37) % 251); /* a textured ramp */
   {
     const int s = esrdf_scale(h);
-    unsigned char* out = malloc((size_t)W * s * H * s * 3);
-    CHECK(esrdf_upscale(h, rgb, W, H, 2, "ddim", 0.0, 1, out, err, sizeof err) == ESRDF_OK);
-    CHECK(esrdf_upscale(h, rgb, W, H, 2, "euler", 0.0, 1, out, err, sizeof err) == ESRDF_ERR_INVALID_ARGUMENT);
+    const size_t n = (size_t)W * s * H * s * 3;
+    unsigned char* out = malloc(n);
+    unsigned char* spelled = malloc(n);
+    unsigned char* paper = malloc(n);
+    CHECK(esrdf_upscale(h, rgb, W, H, 2, "ddim", 0.0, "matched", 1, out, err, sizeof err) == ESRDF_OK);
+    CHECK(esrdf_upscale(h, rgb, W, H, 2, "euler", 0.0, NULL, 1, out, err, sizeof err) == ESRDF_ERR_INVALID_ARGUMENT);
     CHECK(strstr(err, "euler") != NULL);
-    CHECK(esrdf_upscale(h, rgb, W, H, 999, "ddim", 0.0, 1, out, err, sizeof err) == ESRDF_ERR_INVALID_ARGUMENT);
-    CHECK(esrdf_upscale(h, rgb, W, H, 2, "ddim", 1.5, 1, out, err, sizeof err) == ESRDF_ERR_INVALID_ARGUMENT);
+    CHECK(esrdf_upscale(h, rgb, W, H, 2, "ddim", 0.0, "uniform", 1, out, err, sizeof err) ==
+          ESRDF_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(err, "uniform") != NULL);
+    CHECK(esrdf_upscale(h, rgb, W, H, 999, "ddim", 0.0, NULL, 1, out, err, sizeof err) ==
+          ESRDF_ERR_INVALID_ARGUMENT);
+    CHECK(esrdf_upscale(h, rgb, W, H, 2, "ddim", 1.5, NULL, 1, out, err, sizeof err) == ESRDF_ERR_INVALID_ARGUMENT);
+    CHECK(esrdf_upscale(h, rgb, W, H, -1, "ddim", 0.0, NULL, 1, out, err, sizeof err) ==
+          ESRDF_ERR_INVALID_ARGUMENT);
+    /* "bundle default" for every sampling argument is the manifest's section spelled out (the test bundle's
+     * is ESRDF_TEST_DEFAULTS: steps, sampler, eta, prior), and the prior changes the image */
+    {
+      const char* spec = getenv("ESRDF_TEST_DEFAULTS");
+      int steps = 0;
+      char sampler[8] = "", prior[8] = "";
+      double eta = 0.0;
+      if (spec != NULL) {
+        CHECK(sscanf(spec, "%d %7s %lf %7s", &steps, sampler, &eta, prior) == 4);
+        CHECK(esrdf_upscale(h, rgb, W, H, 0, NULL, ESRDF_DEFAULT_ETA, NULL, 5, out, err, sizeof err) == ESRDF_OK);
+        CHECK(esrdf_upscale(h, rgb, W, H, steps, sampler, eta, prior, 5, spelled, err, sizeof err) == ESRDF_OK);
+        CHECK(memcmp(out, spelled, n) == 0);
+        CHECK(esrdf_upscale(h, rgb, W, H, 0, NULL, ESRDF_DEFAULT_ETA, "paper", 5, paper, err, sizeof err) ==
+              ESRDF_OK);
+        CHECK(memcmp(out, paper, n) != 0);
+      }
+    }
     free(out);
+    free(spelled);
+    free(paper);
   }
   esrdf_close(h);
 }

@@ -1,5 +1,6 @@
 // Manifest decoding and hash checks on a hand-made bundle (runs without Python): a tampered file is refused
 // with ErrorCode::kHashMismatch and a message naming it, through the C++ API and the C API.
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <unistd.h>
@@ -44,6 +45,32 @@ void decodes_a_valid_manifest() {
   CHECK(m.scale == 4 && m.lr_multiple_of() == 1 && m.alphas_cumprod.size() == 3);
   CHECK(m.exported.tile == 8 && m.exported.batch == 2 && m.exported.checkpoint == "ckpt/" && !m.torch_weights);
   CHECK(m.graph("step", "fp32") != nullptr && !m.graph("step", "fp16"));
+}
+
+// std of x_T under the matched prior for the hand schedule, as Python's json writes it (shortest repr)
+const char* kMatched = R"(, "sampling": {"sampler": "ddim", "steps": 2, "eta": 0.5, "prior": "matched",
+    "init_noise_std": 0.9486832980505138})";
+
+void reads_the_sampling_section() {
+  using esrdf::ErrorCode;
+  const auto m = esrdf::parse_manifest(manifest_text(kMatched));
+  CHECK(m.sampling && m.sampling->steps == 2 && m.sampling->eta == 0.5 && m.sampling->prior == esrdf::Prior::kMatched);
+  CHECK(m.sampling_defaults().init_noise_std == std::sqrt(1.0 - 0.1));
+  // Without the section (an older bundle) and with null: the built-in defaults, min(50, T) DDIM steps.
+  for (const std::string& extra : {std::string(), std::string(R"(, "sampling": null)")}) {
+    const auto old = esrdf::parse_manifest(manifest_text(extra));
+    const auto d = old.sampling_defaults();
+    CHECK(!old.sampling && d.steps == 3 && d.eta == 0.0 && d.prior == esrdf::Prior::kMatched &&
+          d.sampler == esrdf::Sampler::kDdim && d.init_noise_std == std::sqrt(0.9));
+  }
+  CHECK_ERROR(esrdf::parse_manifest(manifest_text(replaced(kMatched, "0.9486832980505138", "1.0"))),
+              ErrorCode::kBadBundle, "sampling.init_noise_std");
+  CHECK_ERROR(esrdf::parse_manifest(manifest_text(replaced(kMatched, R"("steps": 2)", R"("steps": 9)"))),
+              ErrorCode::kBadBundle, "sampling.steps");
+  CHECK_ERROR(esrdf::parse_manifest(manifest_text(replaced(kMatched, "matched", "uniform"))), ErrorCode::kBadBundle,
+              "sampling.prior");
+  CHECK_ERROR(esrdf::parse_manifest(manifest_text(replaced(kMatched, R"("eta": 0.5, )", ""))), ErrorCode::kBadBundle,
+              "missing key(s) [ eta ]");
 }
 
 void refuses_malformed_manifests() {
@@ -111,6 +138,7 @@ void refuses_tampered_and_missing_files(const fs::path& dir) {
 
 int main() {
   decodes_a_valid_manifest();
+  reads_the_sampling_section();
   refuses_malformed_manifests();
   const fs::path dir = fs::temp_directory_path() / ("esrdf-manifest-test-" + std::to_string(::getpid()));
   fs::create_directories(dir);

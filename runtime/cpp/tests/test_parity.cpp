@@ -47,12 +47,14 @@ json compare_noise(const std::string& dir, const json& c) {
 }
 
 json compare_plan(const std::string& dir, const esrdf::Manifest& m, const json& c) {
-  const auto plan = esrdf::plan_steps(m.alphas_cumprod, esrdf::parse_sampler(c["sampler"]), c["steps"], c["eta"]);
+  const auto plan = esrdf::plan_steps(m.alphas_cumprod, esrdf::parse_sampler(c["sampler"]), c["steps"], c["eta"],
+                                      esrdf::parse_prior(c["prior"]));
   const auto t = check::read_array<float>(dir + "/" + c["t_file"].get<std::string>());
   const auto coefs = check::read_array<float>(dir + "/" + c["coefs_file"].get<std::string>());
   const bool same = t.size() == plan.t.size() && coefs.size() == 3 * plan.coefs.size() &&
                     std::memcmp(t.data(), plan.t.data(), 4 * t.size()) == 0 &&
-                    std::memcmp(coefs.data(), plan.coefs.data(), 4 * coefs.size()) == 0;
+                    std::memcmp(coefs.data(), plan.coefs.data(), 4 * coefs.size()) == 0 &&
+                    plan.init_noise_std == c["init_noise_std"].get<double>();
   CHECK_MSG(same, "step plan " + c.dump() + " differs from Python's");
   return {{"steps", plan.num_steps()}, {"bit_exact", same}};
 }
@@ -68,9 +70,10 @@ json compare_upscale(const std::string& dir, esrdf::Upscaler& upscaler, const js
   const auto rgb = check::read_array<uint8_t>(dir + "/" + c["input"].get<std::string>());
   const auto want = check::read_array<float>(dir + "/" + c["expected"].get<std::string>());
   esrdf::SampleOptions opts;
-  opts.steps = c["steps"];
-  opts.sampler = esrdf::parse_sampler(c["sampler"]);
-  opts.eta = c["eta"];
+  opts.steps = c["steps"];  // 0, and each null below: the bundle's default
+  if (!c["sampler"].is_null()) opts.sampler = esrdf::parse_sampler(c["sampler"]);
+  if (!c["eta"].is_null()) opts.eta = c["eta"].get<double>();
+  if (!c["prior"].is_null()) opts.prior = esrdf::parse_prior(c["prior"]);
   opts.seed = c["seed"];
   const auto lr = esrdf::rgb8_to_model_range(rgb.data(), w, h);
   const auto got = upscaler.upscale_chw(lr.data(), h, w, opts);

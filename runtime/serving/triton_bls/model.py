@@ -10,14 +10,15 @@ request (paper Section 3 with the residual formulation of Section 4):
 
 This is ``esrdf.runtime.driver.upscale_array`` itself, driven through ``BlsEngine``, whose ``predictor`` and
 ``step`` are ``pb_utils.InferenceRequest``s to the TensorRT (or onnxruntime) models; the step
-coefficients come from the manifest's schedule via ``esrdf.runtime.sampling.plan_steps``, and the noise
+coefficients come from the manifest's schedule via ``esrdf.runtime.sampling.plan_for``, and the noise
 is the runtime's seeded counter-based field, so a request's output matches ``esrdf-run`` with the same
 seed, steps and tiling. The Python environment Triton runs this in needs ``pip install esrdf`` (numpy and
 pillow; no torch).
 
 Inputs: ``image`` UINT8 [H, W, 3]; optional ``seed`` UINT64 [1], ``steps`` INT32 [1], ``sampler`` BYTES [1]
-("ddim" | "ddpm"), ``eta`` FP32 [1]. Output: ``image`` UINT8 [scale*H, scale*W, 3]. A bad request gets an
-error response of its own; the other requests of the batch are unaffected.
+("ddim" | "ddpm"), ``eta`` FP32 [1], ``prior`` BYTES [1] ("matched" | "paper"); what a request leaves
+out comes from the manifest's sampling defaults. Output: ``image`` UINT8 [scale*H, scale*W, 3]. A bad
+request gets an error response of its own; the other requests of the batch are unaffected.
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ from esrdf.runtime.bundle import MANIFEST_NAME, Manifest
 from esrdf.runtime.driver import engine_batches, fixed_batches, upscale_array
 from esrdf.runtime.engine import BatchSampler, NoiseFn, Tick
 from esrdf.runtime.images import DEFAULT_MAX_PIXELS, from_model_range, to_model_range
-from esrdf.runtime.sampling import StepPlan, plan_steps
+from esrdf.runtime.sampling import StepPlan, plan_for
 from esrdf.runtime.serving.triton_models import decode_image_request
 
-INPUT_NAMES = ("image", "seed", "steps", "sampler", "eta")
+INPUT_NAMES = ("image", "seed", "steps", "sampler", "eta", "prior")
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,8 @@ def upscale_request(
         raise ValueError(
             f"image has {height * width:,} pixels, over this model's limit of {settings.max_pixels:,}"
         )
-    o = req.options.resolve(manifest.schedule.timesteps)
-    plan = plan_steps(manifest.schedule.array(), o.sampler, o.steps, o.eta)
+    o = req.options.resolve(manifest.schedule.timesteps, manifest.sampling_defaults())
+    plan = plan_for(manifest.schedule.array(), o)
 
     def padded_batches(plan: StepPlan, noise: NoiseFn, tick: Tick) -> BatchSampler:
         return fixed_batches(engine_batches(engine, plan, noise, tick), settings.batch)

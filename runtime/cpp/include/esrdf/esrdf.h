@@ -74,6 +74,23 @@ struct WeightsEntry {  // manifest "torch_weights": the eager weights in the bun
   std::string sha256;
 };
 
+enum class Sampler { kDdim, kDdpm };
+Sampler parse_sampler(const std::string& name);  // "ddim" | "ddpm"
+
+// Where x_T starts: the paper's N(0, I), or the matched N(0, (1 - alpha_bar_{T-1}) I) training ended at.
+enum class Prior { kPaper, kMatched };
+Prior parse_prior(const std::string& name);  // "paper" | "matched"
+// std of x_T under prior: 1, or sqrt(1 - alpha_bar_{T-1}) in float64 (esrdf.runtime.sampling.init_noise_std)
+double init_noise_std(const std::vector<double>& alphas_cumprod, Prior prior);
+
+struct SamplingDefaults {  // manifest "sampling": what a request that says nothing runs (bundle.py)
+  Sampler sampler = Sampler::kDdim;
+  int steps = 0;
+  double eta = 0.0;
+  Prior prior = Prior::kMatched;
+  double init_noise_std = 1.0;  // x_T's std under prior, checked against the schedule when read
+};
+
 struct Manifest {
   int format_version = 0;
   std::string model_name;
@@ -87,13 +104,18 @@ struct Manifest {
   std::vector<EngineEntry> engines;
   ExportSettings exported;
   std::optional<WeightsEntry> torch_weights;  // empty: exported with --no-torch-weights
+  // empty: a bundle exported before the section existed; sampling_defaults() then gives the built-in rule
+  std::optional<SamplingDefaults> sampling;
   // "parity", "provenance" and "model_config" are checked to be present and otherwise not read.
 
   int lr_multiple_of() const;  // hr_multiple_of / gcd(hr_multiple_of, scale)
   const FileEntry* graph(const std::string& role, const std::string& precision) const;
+  // The "sampling" section, or without one the built-in rule: DDIM, min(50, T) steps, eta 0, matched prior.
+  SamplingDefaults sampling_defaults() const;
 };
 
 constexpr int kFormatVersion = 2;
+constexpr int kBuiltinSteps = 50;  // DDIM steps of the built-in defaults (capped at T), as esrdf.config
 
 // Parse manifest.json text; Error(kBadBundle) naming the key on any missing/mistyped/unknown field.
 Manifest parse_manifest(const std::string& json_text);
@@ -104,6 +126,7 @@ struct Bundle {
 };
 
 // Read <dir>/manifest.json; with verify, check the sha256 of every graph, engine and the torch weights.
+// A manifest without a "sampling" section loads, with one line on stderr naming the built-in defaults.
 Bundle load_bundle(const std::string& dir, bool verify = true);
 
 std::string sha256_file(const std::string& path);  // lowercase hex, streamed
@@ -111,21 +134,20 @@ std::string reexport_hint(const Bundle& bundle, const std::string& extra_flags =
 
 // ---------------------------------------------------------------- sampling (esrdf/runtime/sampling.py)
 
-enum class Sampler { kDdim, kDdpm };
-Sampler parse_sampler(const std::string& name);  // "ddim" | "ddpm"
-
 struct StepPlan {  // one row per step-graph call, highest t first
   Sampler sampler = Sampler::kDdim;
   double eta = 0.0;
   std::vector<int64_t> timesteps;
   std::vector<float> t;                      // timestep index as float32
   std::vector<std::array<float, 3>> coefs;   // (c_xt, c_eps, c_noise), float32 from float64 formulas
+  double init_noise_std = 1.0;               // x_T = init_noise_std * noise field 0 (float32 multiply)
   int num_steps() const { return static_cast<int>(t.size()); }
 };
 
 std::vector<int64_t> ddim_timesteps(int64_t num_timesteps, int64_t steps);
 // steps <= 0: all T (ddpm requires that). Float64 arithmetic in numpy's order, then float32.
-StepPlan plan_steps(const std::vector<double>& alphas_cumprod, Sampler sampler, int steps, double eta);
+StepPlan plan_steps(const std::vector<double>& alphas_cumprod, Sampler sampler, int steps, double eta,
+                    Prior prior = Prior::kPaper);
 
 // ---------------------------------------------------------------- noise (esrdf/runtime/noise.py)
 
@@ -189,7 +211,8 @@ class Backend {
   virtual int fixed_tile() const { return 0; }   // 0: any LR tile; else the only tile size
 
   // One batch through the whole loop (paper Section 3 with the residual of Section 4):
-  //   c = predictor(lr); x = z_0; x = step(x, c, t_k, coefs_k, z_{k+1}) for k < N; hr = c + x.
+  //   c = predictor(lr); x = s z_0; x = step(x, c, t_k, coefs_k, z_{k+1}) for k < N; hr = c + x,
+  // with s = plan.init_noise_std (scale_initial_noise).
   // The default runs predictor()/step(); TensorRT replays it as one CUDA graph.
   virtual void sample_batch(const BatchShape& shape, const float* lr, const StepPlan& plan,
                             const NoiseFill& noise, float* hr);
@@ -200,6 +223,9 @@ class Backend {
   virtual void step(const BatchShape& shape, const float* x_t, const float* cond, const float* t,
                     const float* coefs, const float* noise, float* x_prev) = 0;
 };
+
+// x_T in place: field 0 (n floats) times plan.init_noise_std, in float32 like the Python driver.
+void scale_initial_noise(const StepPlan& plan, float* x, size_t n);
 
 // Backends, by name:
 //   "openvino[:options]"  the bundle's fp32 ONNX graphs on OpenVINO's CPU plugin, fp32 or bf16 per graph:
@@ -222,10 +248,14 @@ struct UpscalerOptions {
   bool verify = true;
 };
 
+// What one request asks for; each field left empty (steps 0) is the bundle's default (its manifest's
+// "sampling" section, Manifest::sampling_defaults). A sampler other than the default's does not take the
+// default's steps: DDPM then runs all T, DDIM min(50, T).
 struct SampleOptions {
-  int steps = 0;  // 0: the default, DDIM min(50, T) / DDPM all T; else DDIM 1..T, DDPM T
-  Sampler sampler = Sampler::kDdim;
-  double eta = 0.0;
+  int steps = 0;  // 0: the bundle's default; else DDIM 1..T, DDPM T
+  std::optional<Sampler> sampler;
+  std::optional<double> eta;
+  std::optional<Prior> prior;
   uint64_t seed = 0;
 };
 

@@ -4,7 +4,7 @@
  *   esrdf_handle* h = NULL;
  *   if (esrdf_open("bundle/", NULL, &h, err, sizeof err) != ESRDF_OK) { puts(err); return 1; }
  *   uint8_t* out = malloc((size_t)w * esrdf_scale(h) * h_px * esrdf_scale(h) * 3);
- *   int rc = esrdf_upscale(h, rgb, w, h_px, 20, "ddim", 0.0, 7, out, err, sizeof err);
+ *   int rc = esrdf_upscale(h, rgb, w, h_px, 0, NULL, ESRDF_DEFAULT_ETA, NULL, 7, out, err, sizeof err);
  *   esrdf_close(h);
  *
  * Every function returns an esrdf_status; on failure a one-line message (what failed, which file, what to
@@ -15,8 +15,12 @@
 #ifndef ESRDF_C_H
 #define ESRDF_C_H
 
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+
+/* eta argument meaning "the bundle's default eta" */
+#define ESRDF_DEFAULT_ETA ((double)NAN)
 
 #ifdef __cplusplus
 extern "C" {
@@ -53,14 +57,19 @@ const char* esrdf_backend(const esrdf_handle* handle);
 int esrdf_scale(const esrdf_handle* handle);
 
 /* Upscale rgb_in (w x h x 3) into rgb_out (scale*w x scale*h x 3, caller-allocated).
- * steps: 0 = default (DDIM min(50, T), DDPM all T); sampler: "ddim" or "ddpm" (NULL = "ddim");
- * eta in [0, 1] (DDIM); seed selects the counter-based noise field (same seed -> same image as Python). */
+ * Each sampling argument can say "the bundle's default" (its manifest's sampling section):
+ *   steps: 0 = default, else DDIM 1..T, DDPM T;   sampler: "ddim" | "ddpm", NULL = default;
+ *   eta in [0, 1] (DDIM), ESRDF_DEFAULT_ETA (NaN) = default;
+ *   prior: "matched" (x_T ~ N(0, (1 - alpha_bar_T) I)) | "paper" (N(0, I)), NULL = default.
+ * seed selects the counter-based noise field (same seed -> same image as Python). */
 int esrdf_upscale(esrdf_handle* handle, const uint8_t* rgb_in, int w, int h, int steps, const char* sampler,
-                  double eta, uint64_t seed, uint8_t* rgb_out, char* err_buf, size_t err_len);
+                  double eta, const char* prior, uint64_t seed, uint8_t* rgb_out, char* err_buf,
+                  size_t err_len);
 
 /* As esrdf_upscale, on planar float32 (3, h, w) images in [-1, 1]; chw_out holds 3 * scale^2 * h * w. */
 int esrdf_upscale_f32(esrdf_handle* handle, const float* chw_in, int w, int h, int steps, const char* sampler,
-                      double eta, uint64_t seed, float* chw_out, char* err_buf, size_t err_len);
+                      double eta, const char* prior, uint64_t seed, float* chw_out, char* err_buf,
+                      size_t err_len);
 
 /* Release a handle; NULL is allowed. */
 void esrdf_close(esrdf_handle* handle);
