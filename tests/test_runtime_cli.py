@@ -194,6 +194,7 @@ def test_single_file_and_too_large(tiny_bundle, photo_folder, tmp_path) -> None:
 def test_bad_bundle_and_options_fail_once_with_a_clear_message(tiny_bundle, photo_folder, tmp_path) -> None:
     code, output = run_cli("--engine", str(tmp_path), "-i", str(photo_folder), "-o", str(tmp_path / "o"))
     assert code == 1 and "not an ESRDF bundle" in output
+    assert not (tmp_path / "o").exists()  # the output folder made by the pre-flight check is removed again
     code, output = run_cli(
         "--engine",
         str(tiny_bundle),
