@@ -133,8 +133,12 @@ def _upscale_one(
     count = ImageCount(place[0], place[1], job.source.name, upscaler.tile_count(height, width))
     with progress.image(count) as update:
         hr = upscaler.upscale_picture(picture, options, progress=update)
+    job.target.parent.mkdir(parents=True, exist_ok=True)  # made by the pre-flight check in esrdf-run
     remove_stale_partials(job.target)
-    save_picture(job.target, hr, bits)
+    try:
+        save_picture(job.target, hr, bits)
+    except OSError as exc:  # disk full, or the folder changed since the pre-flight probe: name the output
+        raise ImageError(f"{job.target}: cannot write this output ({exc.strerror or exc})") from None
 
 
 def run_jobs(

@@ -21,6 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from esrdf.runtime.bundle import BundleError
 from esrdf.runtime.sampling import StepPlan
 from esrdf.runtime.tiling import Tile
 
@@ -52,7 +53,7 @@ def loading_engine_file(path: str | os.PathLike[str]) -> Iterator[None]:
     """
     try:
         yield
-    except EngineError:
+    except (EngineError, BundleError):  # already one line, with its own hint (e.g. rebuild a stale plan)
         raise
     except Exception as exc:  # the libraries' error types differ per engine and per version
         raise load_failure(path, exc) from exc

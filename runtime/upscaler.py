@@ -9,8 +9,9 @@
 What goes in comes out as the same kind (``esrdf.runtime.images.Picture``): numpy (H, W), (H, W, 3) and
 (H, W, 4) arrays of uint8 or uint16, and PIL images of modes L, LA, RGB, RGBA and I;16 (P, CMYK and the
 rest come back as RGB, or RGBA where a palette has transparency). The model sees RGB: a gray image runs
-on its replicated channels and comes back as their luma; alpha is upscaled apart, bicubic; uint16 stays
-16-bit through the float path. Float arrays are refused (``TypeError`` naming the accepted kinds).
+on its replicated channels and comes back as the mean of the output channels; alpha is upscaled apart,
+bicubic; uint16 stays 16-bit through the float path. Float arrays are refused (``TypeError`` naming the
+accepted kinds).
 
 Thread safety: an ``Upscaler`` is immutable after construction. Each call keeps its state (tiles, noise,
 the sampler's x_t) in locals, and the onnxruntime engine builds a fresh IOBinding per engine call, so
@@ -191,7 +192,7 @@ def array_to_picture(image: np.ndarray) -> Picture:
 def picture_to_array(picture: Picture) -> np.ndarray:
     """The inverse of ``array_to_picture``: (H, W), (H, W, 3) or (H, W, 4), of the picture's dtype."""
     if picture.gray:
-        return picture.luma()
+        return picture.gray_plane()
     if picture.alpha is not None:
         return np.ascontiguousarray(np.dstack([picture.color, picture.alpha]))
     return picture.color
