@@ -72,7 +72,8 @@ class LineProgress:
             if now - last >= self.every and done < total:
                 last = now
                 tiles = tiles_done(done, total, image.tiles)
-                rate = tiles / (now - start) if now > start else 0.0
+                # From engine calls, not whole tiles: a batch's tiles finish together, minutes apart.
+                rate = done * image.tiles / total / (now - start) if now > start else 0.0
                 eta = (now - start) * (total - done) / max(done, 1)
                 self.console.print(
                     f"{image.label}: {tiles}/{image.tiles} tiles, {rate:.2f} tiles/s, ETA {_duration(eta)}"

@@ -46,7 +46,7 @@ def test_plain_lines_every_ten_seconds_and_per_image() -> None:
     out = stream.getvalue().splitlines()
     during, after = out[:-1], out[-1]
     assert len(during) == 4  # at 10, 20, 30 and 40 s of a 42 s image
-    assert during[0] == "[2/3] face.png: 9/40 tiles, 0.90 tiles/s, ETA 32 s"
+    assert during[0] == "[2/3] face.png: 9/40 tiles, 0.95 tiles/s, ETA 32 s"
     assert after == "[2/3] face.png: 40/40 tiles in 42 s (0.95 tiles/s); 1 image left, ETA 42 s"
 
 
