@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from typing import overload
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from esrdf.config import ResolvedSampling, SamplingOptions
 from esrdf.runtime.backends import open_engine
@@ -158,7 +158,8 @@ class Upscaler:
         """Upscale an image by ``scale`` and return the same kind (module docstring); the same options give
         the same image."""
         if isinstance(image, Image.Image):
-            return picture_to_pil(self.upscale_picture(picture_from_pil(image), options, progress))
+            upright = ImageOps.exif_transpose(image)  # as files are read (``load_picture``)
+            return picture_to_pil(self.upscale_picture(picture_from_pil(upright), options, progress))
         return picture_to_array(self.upscale_picture(array_to_picture(image), options, progress))
 
 

@@ -36,7 +36,7 @@ CPP_DIR = Path(__file__).resolve().parents[1] / "runtime" / "cpp"
 MISSING_DEPENDENCY = "esrdf: missing dependency"
 BUILD_TIMEOUT_S = 900
 # (name, photo, rows, cols, sampler, steps, eta, seed): a crop tiled with a clamped last tile, and one
-# smaller than a tile (reflect-padded past its own size) sampled with all T DDPM steps.
+# smaller than a tile (edge-padded past its own size) sampled with all T DDPM steps.
 UPSCALE_CASES = (
     ("astronaut_13x21_ddim4", "astronaut", slice(180, 193), slice(200, 221), "ddim", 4, 0.5, 11),
     ("coffee_5x3_ddpm", "coffee", slice(150, 155), slice(300, 303), "ddpm", 0, 0.0, 2**40 + 3),
