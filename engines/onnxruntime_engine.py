@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from esrdf.runtime.engine import EngineError
+from esrdf.runtime.engine import EngineError, loading_engine_file
 from esrdf.runtime.graph_spec import PREDICTOR, STEP, graph_spec
 
 if TYPE_CHECKING:
@@ -52,7 +52,8 @@ def _session(path: Path, role: str, providers: list[Any], threads: int | None) -
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1  # the graphs are one chain; parallelism is inside ops
     options.log_severity_level = 3  # errors only: initializer-folding notices are not for users
-    session = ort.InferenceSession(os.fspath(path), sess_options=options, providers=providers)
+    with loading_engine_file(path):
+        session = ort.InferenceSession(os.fspath(path), sess_options=options, providers=providers)
     spec = graph_spec(role)
     names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
     if names != (list(spec.input_names), list(spec.output_names)):

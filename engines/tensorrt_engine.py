@@ -49,7 +49,7 @@ from esrdf.engines.tensorrt_build import (
     version_key,
 )
 from esrdf.runtime.bundle import Bundle, BundleError, EngineEntry, EngineKey
-from esrdf.runtime.engine import BatchSamplerFactory
+from esrdf.runtime.engine import BatchSamplerFactory, loading_engine_file
 from esrdf.runtime.graph_spec import GRAPH_ROLES, PREDICTOR, STEP, ShapeProfile, graph_spec
 
 if TYPE_CHECKING:
@@ -168,7 +168,8 @@ def load_plan(bundle: Bundle, entry: EngineEntry, runtime: trt.Runtime) -> trt.I
     data = (bundle.root / entry.file).read_bytes()
     if hashlib.sha256(data).hexdigest() != entry.sha256:
         raise BundleError(f"{bundle.root / entry.file}: sha256 does not match the manifest (modified?)")
-    engine = runtime.deserialize_cuda_engine(data)
+    with loading_engine_file(bundle.root / entry.file):  # TensorRT 10 may raise, not return None
+        engine = runtime.deserialize_cuda_engine(data)
     if engine is None:
         command = rebuild_command(bundle.root, profile_from_key(entry.key))
         raise EngineKeyMismatch(

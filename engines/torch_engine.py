@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from esrdf.models.step_module import PredictorModule, StepModule
-from esrdf.runtime.engine import BatchSamplerFactory, EngineError
+from esrdf.runtime.engine import BatchSamplerFactory, EngineError, loading_engine_file
 from esrdf.runtime.graph_spec import NUM_STEP_COEFS
 
 if TYPE_CHECKING:
@@ -126,7 +126,8 @@ class TorchEngine:
             )
         weights = bundle.root / bundle.manifest.torch_weights.file
         _check_weights_config(weights.parent, bundle.manifest.model_config)
-        return cls.from_checkpoint(weights.parent, device=device, precision=precision)
+        with loading_engine_file(weights):
+            return cls.from_checkpoint(weights.parent, device=device, precision=precision)
 
     def upload(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device)

@@ -312,7 +312,28 @@ def _reexport_hint(root: Path, manifest: Manifest | None, precision: str = "both
     return _reexport_command(root, ckpt, precision)
 
 
+def _inside_installed_package(root: Path) -> bool:
+    """Whether ``root`` lies inside the esrdf package itself (the shipped default model's bundle)."""
+    import esrdf
+
+    package = Path(esrdf.__file__).resolve().parent
+    return root.resolve().is_relative_to(package)
+
+
 def _reexport_command(root: Path, checkpoint: str, precision: str) -> str:
+    """How to renew a broken bundle. Names the manifest's checkpoint only where that folder exists here
+    (a clone or another machine has no ``out/...``), and never suggests ``--force`` into the package's own
+    files: the shipped bundle is restored by reinstalling the package."""
+    if _inside_installed_package(root):
+        return (
+            "this is the default model shipped inside the esrdf package: reinstall the package "
+            "(pip install --force-reinstall --no-deps esrdf), or pass --engine with a bundle of your own"
+        )
+    if checkpoint != "CKPT_DIR" and not Path(checkpoint).is_dir():
+        return (
+            f"re-export it from its checkpoint (the manifest names {checkpoint}, which is not here): "
+            f"esrdf-export --ckpt CKPT_DIR --out {root} --precision {precision} --force"
+        )
     return f"re-export with: esrdf-export --ckpt {checkpoint} --out {root} --precision {precision} --force"
 
 
@@ -335,6 +356,8 @@ def load_bundle(directory: str | os.PathLike[str], verify: bool = True) -> Bundl
     """Read and validate a bundle: format version, graph I/O names, and (``verify``) every file's sha256."""
     root = Path(directory)
     path = root / MANIFEST_NAME
+    if not root.exists():
+        raise BundleError(f"{root}: does not exist (expected a bundle folder written by esrdf-export)")
     if not path.is_file():
         raise BundleError(f"{root}: not an ESRDF bundle (no {MANIFEST_NAME}); {_reexport_hint(root, None)}")
     text = path.read_text(encoding="utf-8")

@@ -7,8 +7,13 @@
 A folder run processes the folder's image files (not subfolders), keeps their names, and skips outputs
 that already exist unless ``--overwrite``; since every output is written atomically (temp file, then
 rename), an interrupted run leaves no partial image and rerunning the same command resumes it. It never
-writes over its input. An image that cannot be read, or is too large, gets one line and the run goes on;
-the exit code is 1 if any image failed, 130 if interrupted.
+writes over its input. Images keep what they are: gray stays gray, alpha is kept, 16-bit grayscale stays
+16-bit where the output format holds it (``--output-bits``).
+
+Before any compute (``esrdf.runtime.preflight``): the inputs exist and are images, no output is an input,
+the run's tile, overlap, batch and precision suit the bundle, and every output folder can be created and
+written. Each failure is one line. Exit codes: 0 done; 1 an image failed (one line each, the run goes on)
+or the bundle or engine cannot be used; 2 a bad command (options, inputs, outputs); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from esrdf.cli.sampling import sampling_options
 from esrdf.config import SamplingOptions
@@ -29,18 +33,28 @@ from esrdf.runtime.bundle import BundleError
 from esrdf.runtime.engine import EngineError
 from esrdf.runtime.images import (
     DEFAULT_MAX_PIXELS,
+    OUTPUT_BITS,
+    SIXTEEN_BIT_FORMATS,
     ImageError,
-    load_image,
+    load_picture,
     output_format,
     remove_stale_partials,
-    save_image,
+    save_picture,
 )
+from esrdf.runtime.preflight import OutputError, RunSettingsError, prepared_outputs
+from esrdf.runtime.progress import BarProgress, ImageCount, LineProgress, run_progress
 from esrdf.runtime.upscaler import Upscaler
 
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}
 )
-EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
+EXIT_FAILED, EXIT_BAD_COMMAND, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class BadCommand(click.ClickException):
+    """A command that cannot run as given (inputs, outputs, options): one ``Error:`` line, exit 2."""
+
+    exit_code = EXIT_BAD_COMMAND
 
 
 @dataclass(frozen=True)
@@ -66,16 +80,20 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def plan_jobs(source: Path, target: Path) -> list[Job]:
-    """Pair inputs with outputs; ``click.UsageError`` for a run that would overwrite its input."""
+    """Pair inputs with outputs; ``BadCommand`` for a run that would overwrite its input or has no images."""
     if source.is_dir():
         if target.exists() and not target.is_dir():
-            raise click.UsageError(f"-i is a folder, so -o must be a folder too ({target} is a file)")
+            raise BadCommand(f"-i is a folder, so -o must be a folder too ({target} is a file)")
         if _same_file(source, target):
-            raise click.UsageError(
+            raise BadCommand(
                 f"-o {target} is the input folder; choose another so inputs are never overwritten"
             )
         files = sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith("."))
         jobs = [Job(p, target / p.name) for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+        if not jobs:
+            raise BadCommand(
+                f"no images found in {source} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+            )
     else:
         # An existing folder, or a name without an extension, is a folder to write into.
         into_folder = target.is_dir() or not target.suffix
@@ -83,28 +101,45 @@ def plan_jobs(source: Path, target: Path) -> list[Job]:
         try:
             output_format(jobs[0].target)
         except ImageError as exc:
-            raise click.UsageError(str(exc)) from None
+            raise BadCommand(str(exc)) from None
     for job in jobs:
         if _same_file(job.source, job.target):
-            raise click.UsageError(f"-o would overwrite the input {job.source}; choose another output")
+            raise BadCommand(f"-o would overwrite the input {job.source}; choose another output")
     return jobs
 
 
+def check_output_bits(jobs: list[Job], bits: str) -> None:
+    """``--output-bits 16`` needs outputs whose format holds 16 bits (PNG, TIFF): refused once, up front."""
+    if bits != "16":
+        return
+    for job in jobs:
+        fmt = output_format(job.target)
+        if fmt not in SIXTEEN_BIT_FORMATS:
+            raise BadCommand(
+                f"--output-bits 16: {job.target} would be {fmt}, which holds 8 bits; write .png or .tif"
+            )
+
+
 def _upscale_one(
-    upscaler: Upscaler, job: Job, options: SamplingOptions, max_pixels: int, progress: Progress
+    upscaler: Upscaler,
+    job: Job,
+    options: SamplingOptions,
+    max_pixels: int,
+    progress: LineProgress | BarProgress,
+    place: tuple[int, int],
+    bits: str,
 ) -> None:
-    rgb = load_image(job.source, max_pixels=max_pixels)
-    output_format(job.target)  # fail before the work if the extension cannot be written
-    task = progress.add_task(job.source.name, total=None)
-    try:
-        hr = upscaler(
-            rgb, options, progress=lambda done, total: progress.update(task, completed=done, total=total)
-        )
-    finally:
-        progress.remove_task(task)
-    job.target.parent.mkdir(parents=True, exist_ok=True)
+    picture = load_picture(job.source, max_pixels=max_pixels)
+    height, width = picture.color.shape[:2]
+    count = ImageCount(place[0], place[1], job.source.name, upscaler.tile_count(height, width))
+    with progress.image(count) as update:
+        hr = upscaler.upscale_picture(picture, options, progress=update)
+    job.target.parent.mkdir(parents=True, exist_ok=True)  # made by the pre-flight check in esrdf-run
     remove_stale_partials(job.target)
-    save_image(job.target, hr)
+    try:
+        save_picture(job.target, hr, bits)
+    except OSError as exc:  # disk full, or the folder changed since the pre-flight probe: name the output
+        raise ImageError(f"{job.target}: cannot write this output ({exc.strerror or exc})") from None
 
 
 def run_jobs(
@@ -114,28 +149,25 @@ def run_jobs(
     overwrite: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     console: Console | None = None,
+    bits: str = "auto",
 ) -> RunReport:
     """Upscale each job, skipping finished ones; a failing image is one line, the others still run."""
     console = console or plain_console()
     report = RunReport()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
-        overall = progress.add_task("images", total=len(jobs))
-        for job in jobs:
-            if job.target.exists() and not overwrite:
-                report.skipped += 1
-            else:
-                try:
-                    _upscale_one(upscaler, job, options, max_pixels, progress)
-                    report.done += 1
-                    console.print(f"wrote {job.target}")
-                except ImageError as exc:
-                    report.failed += 1
-                    console.print(f"error: {exc}")
-                except (ValueError, RuntimeError, OSError) as exc:
-                    report.failed += 1
-                    console.print(f"error: {job.source}: {exc}")
-            progress.advance(overall)
+    todo = [job for job in jobs if overwrite or not job.target.exists()]
+    report.skipped = len(jobs) - len(todo)
+    with run_progress(console, len(todo)) as progress:
+        for index, job in enumerate(todo, start=1):
+            try:
+                _upscale_one(upscaler, job, options, max_pixels, progress, (index, len(todo)), bits)
+                report.done += 1
+                console.print(f"wrote {job.target}")
+            except ImageError as exc:
+                report.failed += 1
+                console.print(f"error: {exc}")
+            except (ValueError, RuntimeError, OSError) as exc:
+                report.failed += 1
+                console.print(f"error: {job.source}: {exc}")
     return report
 
 
@@ -193,26 +225,37 @@ def shipped_bundle_dir() -> Path:
 @click.option(
     "--no-cuda-graph", is_flag=True, help="On CUDA, run the sampler as stream execution, not graph replays."
 )
+@click.option(
+    "--output-bits",
+    type=click.Choice(OUTPUT_BITS),
+    default="auto",
+    show_default=True,
+    help="Bits per sample written: auto keeps a 16-bit grayscale input 16-bit in PNG/TIFF; 16 writes "
+    "grayscale as 16-bit (colour stays 8-bit: Pillow writes no 16-bit RGB).",
+)
 def main(
     engine_dir: Path | None, source: Path, target: Path, sampling: SamplingOptions,
     tile: int | None, overlap: int | None, batch: int | None, precision: str, backend: str, device: str,
-    threads: int | None, overwrite: bool, max_pixels: int, no_cuda_graph: bool,
+    threads: int | None, overwrite: bool, max_pixels: int, no_cuda_graph: bool, output_bits: str,
 ) -> None:  # fmt: skip
     """Upscale IN (an image or a folder of images) into OUT with an ESRDF bundle.
 
     Sampling flags not given come from the bundle's sampling defaults (its manifest's "sampling" section)."""
     jobs = plan_jobs(source, target)
-    if source.is_dir():
-        target.mkdir(parents=True, exist_ok=True)
+    check_output_bits(jobs, output_bits)
     console = plain_console()
     options = sampling  # what it leaves out, Upscaler.sampling fills from the bundle
+    todo = [job.target for job in jobs if overwrite or not job.target.exists()]
     try:
-        upscaler = Upscaler(
-            engine_dir or shipped_bundle_dir(), backend, device, precision, threads, tile, overlap, batch,
-            cuda_graph=not no_cuda_graph,
-        )  # fmt: skip
-        upscaler.step_plan(options)  # bad sampling options fail once here, not once per image
-        report = run_jobs(upscaler, jobs, options, overwrite, max_pixels, console)
+        with prepared_outputs(todo):  # every output folder made and probed before any compute
+            upscaler = Upscaler(
+                engine_dir or shipped_bundle_dir(), backend, device, precision, threads, tile, overlap, batch,
+                cuda_graph=not no_cuda_graph,
+            )  # fmt: skip
+            upscaler.step_plan(options)  # bad sampling options fail once here, not once per image
+            report = run_jobs(upscaler, jobs, options, overwrite, max_pixels, console, output_bits)
+    except (RunSettingsError, OutputError) as exc:
+        raise BadCommand(str(exc)) from None
     except (BundleError, EngineError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:

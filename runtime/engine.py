@@ -14,17 +14,49 @@ engines, which capture the loop in a CUDA graph) offers its own through ``BatchS
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from esrdf.runtime.bundle import BundleError
 from esrdf.runtime.sampling import StepPlan
 from esrdf.runtime.tiling import Tile
 
 
 class EngineError(RuntimeError):
     """An engine that cannot be opened here: missing library, missing device, or an unusable graph."""
+
+
+def load_failure(path: str | os.PathLike[str], exc: BaseException) -> EngineError:
+    """One line naming the engine file that would not load, and the library's first line of why.
+
+    Libraries raise their own types (onnxruntime's ``InvalidProtobuf``, TensorRT's ``None`` engine,
+    safetensors' ``SafetensorError``) with multi-line texts; every engine reports them in this one form.
+    """
+    detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    reason = f"{type(exc).__name__}: {detail[:200]}" if detail else type(exc).__name__
+    return EngineError(
+        f"{os.fspath(path)}: cannot be loaded by this engine ({reason}); the file is corrupt or was "
+        "written by an incompatible exporter: re-export the bundle"
+    )
+
+
+@contextmanager
+def loading_engine_file(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Wrap an engine's read of one graph, plan or weights file: any failure becomes ``load_failure``.
+
+    The one place every engine (onnxruntime, torch, TensorRT, OpenVINO) turns a library's load error into
+    the runtime's ``EngineError``, so the CLI and services report all of them the same way.
+    """
+    try:
+        yield
+    except (EngineError, BundleError):  # already one line, with its own hint (e.g. rebuild a stale plan)
+        raise
+    except Exception as exc:  # the libraries' error types differ per engine and per version
+        raise load_failure(path, exc) from exc
 
 
 @runtime_checkable

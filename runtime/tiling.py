@@ -2,8 +2,11 @@
 
 Every engine call sees the same LR tile shape, so one engine profile (and later one CUDA graph) serves any
 image. Tiles step by ``tile - overlap``; the last one is clamped to the edge, so it may overlap its
-neighbour by more. An image smaller than a tile in either axis is reflect-padded on the bottom/right up to
-the tile and cropped after. ``tile=0`` means one tile over the whole image, padded up to ``multiple_of``.
+neighbour by more. An image smaller than a tile in either axis is edge-padded (its last row and column
+repeated) on the bottom/right up to the tile and cropped after: on real photo crops of 4x4 and 16x16 LR
+pixels with the default model, edge padding scored 0.21 dB PSNR above reflect padding (README "What
+esrdf-run keeps, checks and returns"). ``tile=0`` means one tile over the whole image, padded up to
+``multiple_of``.
 
 Blending: each HR tile is weighted by a separable raised-cosine ramp over ``overlap * scale`` pixels on
 every side that has a neighbour; sides on the canvas border keep weight 1, and every weight is > 0, so
@@ -38,11 +41,11 @@ class TilePlan:
     tiles: tuple[Tile, ...]
 
     def pad(self, lr: np.ndarray) -> np.ndarray:
-        """(C, h, w) image -> (C, padded_h, padded_w) canvas, reflect-padded bottom/right."""
+        """(C, h, w) image -> (C, padded_h, padded_w) canvas, edge-padded bottom/right."""
         if lr.shape[1:] != (self.height, self.width):
             raise ValueError(f"image is {lr.shape[1:]}, plan is for {(self.height, self.width)}")
         pad = ((0, 0), (0, self.padded_height - self.height), (0, self.padded_width - self.width))
-        return np.pad(lr, pad, mode="reflect") if any(p[1] for p in pad) else lr
+        return np.pad(lr, pad, mode="edge") if any(p[1] for p in pad) else lr
 
     def cut(self, canvas: np.ndarray, tile: Tile, scale: int = 1) -> np.ndarray:
         """The (C, tile_h*scale, tile_w*scale) window of ``tile`` in a canvas at ``scale``."""

@@ -9,6 +9,13 @@
 What a call's ``SamplingOptions`` leave out comes from the bundle's sampling defaults (its manifest's
 ``sampling`` section: sampler, steps, eta and the x_T prior), then from the built-in rule.
 
+What goes in comes out as the same kind (``esrdf.runtime.images.Picture``): numpy (H, W), (H, W, 3) and
+(H, W, 4) arrays of uint8 or uint16, and PIL images of modes L, LA, RGB, RGBA and I;16 (P, CMYK and the
+rest come back as RGB, or RGBA where a palette has transparency). The model sees RGB: a gray image runs
+on its replicated channels and comes back as the mean of the output channels; alpha is upscaled apart,
+bicubic; uint16 stays 16-bit through the float path. Float arrays are refused (``TypeError`` naming the
+accepted kinds).
+
 Thread safety: an ``Upscaler`` is immutable after construction. Each call keeps its state (tiles, noise,
 the sampler's x_t) in locals, and the onnxruntime engine builds a fresh IOBinding per engine call, so
 several threads may call one ``Upscaler`` at once. There is no global state: two Upscalers with different
@@ -28,14 +35,21 @@ from collections.abc import Sequence
 from typing import overload
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from esrdf.config import ResolvedSampling, SamplingOptions
 from esrdf.runtime.backends import open_engine
 from esrdf.runtime.bundle import Bundle, BundleError, Manifest, load_bundle
-from esrdf.runtime.driver import ProgressFn, fixed_shape, upscale_array
-from esrdf.runtime.engine import BatchSamplerFactory, BatchSamplerSource, Engine
-from esrdf.runtime.images import from_model_range, pil_to_array, to_model_range
+from esrdf.runtime.driver import ProgressFn, upscale_array
+from esrdf.runtime.engine import BatchSamplerFactory, BatchSamplerSource, Engine, loading_engine_file
+from esrdf.runtime.images import (
+    Picture,
+    from_model_range,
+    picture_from_pil,
+    picture_to_pil,
+    to_model_range,
+)
+from esrdf.runtime.preflight import resolve_tiling
 from esrdf.runtime.sampling import StepPlan, plan_for
 
 
@@ -61,15 +75,10 @@ class Upscaler:
                 f"{bundle_dir}: graphs for {self.manifest.channels} channels in {self.manifest.value_range}; "
                 "this runtime upscales RGB images in [-1, 1]"
             )
-        self.engine: Engine = open_engine(self.bundle, backend, device, precision, threads)
-        fixed_batch, fixed_tile = fixed_shape(self.manifest)
-        exported = self.manifest.export
-        self.tile = _first_given(tile, fixed_tile, exported.tile)
-        self.batch = _first_given(batch, fixed_batch, exported.batch)
-        # Default seam: 1/8 of the tile (8 LR pixels for 64-pixel tiles); work grows as 1/(tile - overlap)^2.
-        self.overlap = 0 if self.tile == 0 else (self.tile // 8 if overlap is None else overlap)
-        if self.tile and not 0 <= self.overlap < self.tile:
-            raise ValueError(f"overlap must be in [0, tile={self.tile}), got {overlap}")
+        # Settings the graphs cannot take fail here, once, before the engine loads (RunSettingsError).
+        self.tile, self.overlap, self.batch = resolve_tiling(self.bundle, precision, tile, overlap, batch)
+        with loading_engine_file(self.bundle.root):  # any engine's stray load error: one line
+            self.engine: Engine = open_engine(self.bundle, backend, device, precision, threads)
         # CUDA engines sample each batch as one graph replay, at one fixed batch (one graph per key).
         self._batches: BatchSamplerFactory | None = None
         if isinstance(self.engine, BatchSamplerSource):
@@ -119,6 +128,22 @@ class Upscaler:
             sampler=self._batches,
         )
 
+    def upscale_picture(
+        self, picture: Picture, options: SamplingOptions | None = None, progress: ProgressFn | None = None
+    ) -> Picture:
+        """A ``Picture`` upscaled by ``scale``, the same kind: colour through the model (16 bits kept through
+        the float path), alpha upscaled apart with bicubic (Real-ESRGAN does the same), gray kept gray."""
+        hr = self.upscale_array(to_model_range(picture.color), options, progress=progress)
+        color = from_model_range(hr, picture.color.dtype.type)
+        alpha = None if picture.alpha is None else upscale_alpha(picture.alpha, self.scale)
+        return Picture(color, alpha, picture.gray)
+
+    def tile_count(self, height: int, width: int) -> int:
+        """How many tiles an LR image of this size is cut into (progress reports count them)."""
+        from esrdf.runtime.tiling import plan_tiles
+
+        return len(plan_tiles(height, width, self.tile, self.overlap, self.manifest.lr_multiple_of).tiles)
+
     @overload
     def __call__(
         self, image: np.ndarray, options: SamplingOptions | None = ..., progress: ProgressFn | None = ...
@@ -135,20 +160,45 @@ class Upscaler:
         options: SamplingOptions | None = None,
         progress: ProgressFn | None = None,
     ) -> np.ndarray | Image.Image:
-        """Upscale HxWx3 uint8 (or a PIL image) by ``scale``; the same options give the same image."""
-        rgb = pil_to_array(image) if isinstance(image, Image.Image) else _check_rgb(image)
-        hr = self.upscale_array(to_model_range(rgb), options, progress=progress)
-        out = from_model_range(hr)
-        return Image.fromarray(out) if isinstance(image, Image.Image) else out
+        """Upscale an image by ``scale`` and return the same kind (module docstring); the same options give
+        the same image."""
+        if isinstance(image, Image.Image):
+            upright = ImageOps.exif_transpose(image)  # as files are read (``load_picture``)
+            return picture_to_pil(self.upscale_picture(picture_from_pil(upright), options, progress))
+        return picture_to_array(self.upscale_picture(array_to_picture(image), options, progress))
 
 
-def _first_given(*candidates: int | None) -> int:
-    """The first candidate that is not None: the caller's, the graphs' fixed size, then the export's."""
-    return next(c for c in candidates if c is not None)
+def upscale_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
+    """HxW alpha (uint8 or uint16) -> (scale*H)x(scale*W), bicubic on floats, clipped, same dtype."""
+    h, w = alpha.shape
+    plane = Image.fromarray(alpha.astype(np.float32), mode="F").resize(
+        (w * scale, h * scale), Image.Resampling.BICUBIC
+    )
+    top = np.iinfo(alpha.dtype).max
+    return np.clip(np.rint(np.asarray(plane)), 0, top).astype(alpha.dtype)
 
 
-def _check_rgb(image: np.ndarray) -> np.ndarray:
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+ACCEPTED_ARRAYS = "(H, W), (H, W, 3) or (H, W, 4) uint8 or uint16 arrays, or PIL images"
+
+
+def array_to_picture(image: np.ndarray) -> Picture:
+    """(H, W) gray, (H, W, 3) RGB or (H, W, 4) RGBA, uint8 or uint16 -> ``Picture``; else ``TypeError``."""
+    ok_shape = isinstance(image, np.ndarray) and (
+        image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))
+    )
+    if not ok_shape or image.dtype not in (np.uint8, np.uint16):
         got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise TypeError(f"expected a HxWx3 uint8 array or a PIL image, got {got}")
-    return image
+        raise TypeError(f"expected HxWx3 uint8 or another of {ACCEPTED_ARRAYS}; got {got}")
+    if image.ndim == 2:
+        return Picture(np.repeat(image[..., None], 3, axis=-1), None, gray=True)
+    color = np.ascontiguousarray(image[..., :3])
+    return Picture(color, np.ascontiguousarray(image[..., 3]) if image.shape[2] == 4 else None)
+
+
+def picture_to_array(picture: Picture) -> np.ndarray:
+    """The inverse of ``array_to_picture``: (H, W), (H, W, 3) or (H, W, 4), of the picture's dtype."""
+    if picture.gray:
+        return picture.gray_plane()
+    if picture.alpha is not None:
+        return np.ascontiguousarray(np.dstack([picture.color, picture.alpha]))
+    return picture.color

@@ -277,7 +277,7 @@ def test_quality_sweep_rows_are_finite(bundle_dir, astronaut):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--engine", "/nonexistent/bundle"], "not an ESRDF bundle"),
+        (["--engine", "/nonexistent/bundle"], "/nonexistent/bundle: does not exist"),
         (["--steps", "0"], "positive integers"),
         (["--steps", "500"], "steps must be in 1..200"),
         (["--backends", "onnxruntime,warp-drive"], "unknown backend"),

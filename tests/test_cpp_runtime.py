@@ -40,7 +40,7 @@ CPP_DIR = Path(__file__).resolve().parents[1] / "runtime" / "cpp"
 MISSING_DEPENDENCY = "esrdf: missing dependency"
 BUILD_TIMEOUT_S = 900
 # (name, photo, rows, cols, sampler, steps, eta, prior, seed): a crop tiled with a clamped last tile from
-# the paper's prior; one smaller than a tile (reflect-padded past its own size) sampled with all T DDPM steps
+# the paper's prior; one smaller than a tile (edge-padded past its own size) sampled with all T DDPM steps
 # from the bundle's prior; and one that gives nothing (steps 0, None: the bundle's sampling defaults).
 UPSCALE_CASES = (
     ("astronaut_13x21_ddim4", "astronaut", slice(180, 193), slice(200, 221), "ddim", 4, 0.5, "paper", 11),

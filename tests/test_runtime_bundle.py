@@ -132,7 +132,9 @@ def test_tampered_graph_is_refused_naming_the_file(bundle_dir: Path) -> None:
         load_bundle(bundle_dir)
     message = str(info.value)
     assert "step.fp32.onnx" in message and "sha256" in message
-    assert "esrdf-export --ckpt /ckpts/tiny --out" in message and "--force" in message
+    # The manifest's checkpoint is not on this machine: the hint says so instead of naming it as a command.
+    assert "the manifest names /ckpts/tiny, which is not here" in message
+    assert "esrdf-export --ckpt CKPT_DIR --out" in message and "--force" in message
     assert "\n" not in message
     assert isinstance(load_bundle(bundle_dir, verify=False), Bundle)  # explicit opt-out still loads
 
@@ -168,9 +170,14 @@ def test_bad_manifest_is_refused(bundle_dir: Path, edit, match: str) -> None:
         load_bundle(bundle_dir)
 
 
-def test_a_version_1_bundle_gets_one_line_naming_its_re_export_command(bundle_dir: Path) -> None:
+def test_a_version_1_bundle_gets_one_line_naming_its_re_export_command(
+    bundle_dir: Path, tmp_path: Path
+) -> None:
+    ckpt = tmp_path / "ckpts" / "v1"
+    ckpt.mkdir(parents=True)  # the checkpoint is named only where it exists
+
     def as_version_1(d: dict) -> None:  # version 1 kept tile, batch and checkpoint in a free export_info
-        d.update(format_version=1, export_info={**d.pop("export"), "checkpoint": "ckpts/v1"})
+        d.update(format_version=1, export_info={**d.pop("export"), "checkpoint": str(ckpt)})
         for key in ("torch_weights", "provenance"):
             d.pop(key)
 
@@ -180,7 +187,27 @@ def test_a_version_1_bundle_gets_one_line_naming_its_re_export_command(bundle_di
     message = str(info.value)
     assert "\n" not in message and "format version 1; this runtime reads version 2" in message
     assert message.endswith(
-        f"re-export with: esrdf-export --ckpt ckpts/v1 --out {bundle_dir} --precision both --force"
+        f"re-export with: esrdf-export --ckpt {ckpt} --out {bundle_dir} --precision both --force"
+    )
+
+
+def test_the_shipped_bundle_is_restored_by_reinstalling_never_by_force() -> None:
+    from esrdf.default_model import default_bundle_dir
+
+    shipped = load_bundle(default_bundle_dir(), verify=False)
+    with pytest.raises(BundleError) as info:
+        shipped.graph_path("step", "fp16")  # it ships fp32 graphs only
+    message = str(info.value)
+    assert "reinstall the package" in message and "pip install --force-reinstall" in message
+    assert "esrdf-export" not in message and " --force " not in message and "\n" not in message
+
+
+def test_a_missing_bundle_path_says_it_does_not_exist(tmp_path: Path) -> None:
+    with pytest.raises(BundleError) as info:
+        load_bundle(tmp_path / "nowhere")
+    assert (
+        str(info.value)
+        == f"{tmp_path / 'nowhere'}: does not exist (expected a bundle folder written by esrdf-export)"
     )
 
 

@@ -60,7 +60,7 @@ def lr_crop(photo: np.ndarray, y: int, x: int, h: int, w: int) -> np.ndarray:
 def test_upscaler_numpy_pil_odd_sizes_and_determinism(tiny_bundle, astronaut) -> None:
     upscaler = Upscaler(tiny_bundle)  # tile 8 and batch 2 from the bundle's export settings
     assert (upscaler.tile, upscaler.batch, upscaler.overlap) == (8, 2, 1)
-    small = lr_crop(astronaut, 200, 200, 7, 13)  # smaller than a tile: reflect-padded, then cropped
+    small = lr_crop(astronaut, 200, 200, 7, 13)  # smaller than a tile: edge-padded, then cropped
     out = upscaler(small, SamplingOptions(steps=2, seed=1))
     assert out.shape == (28, 52, 3) and out.dtype == np.uint8
     np.testing.assert_array_equal(upscaler(small, SamplingOptions(steps=2, seed=1)), out)
@@ -194,6 +194,7 @@ def test_single_file_and_too_large(tiny_bundle, photo_folder, tmp_path) -> None:
 def test_bad_bundle_and_options_fail_once_with_a_clear_message(tiny_bundle, photo_folder, tmp_path) -> None:
     code, output = run_cli("--engine", str(tmp_path), "-i", str(photo_folder), "-o", str(tmp_path / "o"))
     assert code == 1 and "not an ESRDF bundle" in output
+    assert not (tmp_path / "o").exists()  # the output folder made by the pre-flight check is removed again
     code, output = run_cli(
         "--engine",
         str(tiny_bundle),

@@ -40,14 +40,14 @@ def test_bad_tiling_is_refused(tile, overlap, multiple) -> None:
         plan_tiles(40, 40, tile, overlap, multiple)
 
 
-def test_reflect_padding_of_small_odd_images(astronaut) -> None:
+def test_edge_padding_of_small_odd_images(astronaut) -> None:
     lr = astronaut[:5, :3].transpose(2, 0, 1).astype(np.float32)
     plan = plan_tiles(5, 3, 8, 2)
     canvas = plan.pad(lr)
     assert canvas.shape == (3, 8, 8)
     np.testing.assert_array_equal(canvas[:, :5, :3], lr)
-    np.testing.assert_array_equal(canvas[:, 5, :3], lr[:, 3])  # reflect, not edge-repeat
-    np.testing.assert_array_equal(canvas[:, :5, 3], lr[:, :, 1])
+    np.testing.assert_array_equal(canvas[:, 5:, :3], np.repeat(lr[:, 4:5], 3, axis=1))  # edge, not reflect
+    np.testing.assert_array_equal(canvas[:, :5, 3:], np.repeat(lr[:, :, 2:3], 5, axis=2))
 
 
 # ---------------------------------------------------------------- blending

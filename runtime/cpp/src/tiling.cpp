@@ -1,7 +1,7 @@
 // Fixed-shape tiles over an image of any size and their smooth blend (esrdf/runtime/tiling.py).
 //
-// Tiles step by tile - overlap, the last is clamped to the edge; an image smaller than a tile is reflect-
-// padded bottom/right and cropped after. Each HR tile is weighted by a separable raised-cosine ramp over
+// Tiles step by tile - overlap, the last is clamped to the edge; an image smaller than a tile is edge-
+// padded (last row and column repeated) bottom/right and cropped after. Each HR tile is weighted by a separable raised-cosine ramp over
 // overlap * scale pixels on every side with a neighbour, sampled at pixel centres so no weight is 0; the
 // blend is sum(w x) / sum(w), accumulated in float32 in the order the Python Blender uses.
 #include <algorithm>
@@ -22,14 +22,8 @@ std::vector<int> axis_starts(int size, int tile, int overlap) {
 
 int round_up(int value, int multiple) { return (value + multiple - 1) / multiple * multiple; }
 
-// numpy's 'reflect' (mirror without repeating the edge), repeated for pads longer than the axis.
-int reflect_index(int i, int size) {
-  if (i < size) return i;
-  if (size == 1) return 0;
-  const int period = 2 * (size - 1);
-  const int m = i % period;
-  return m < size ? m : period - m;
-}
+// numpy's 'edge' padding: every index past the axis reads its last sample.
+int edge_index(int i, int size) { return i < size ? i : size - 1; }
 
 std::vector<double> ramp(int length, int ramp_len, bool rise, bool fall) {
   std::vector<double> w(static_cast<size_t>(length), 1.0);
@@ -80,14 +74,14 @@ TilePlan plan_tiles(int height, int width, int tile, int overlap, int multiple_o
   return p;
 }
 
-std::vector<float> pad_reflect(const TilePlan& plan, const float* chw, int channels) {
+std::vector<float> pad_edge(const TilePlan& plan, const float* chw, int channels) {
   const int h = plan.height, w = plan.width, ph = plan.padded_height, pw = plan.padded_width;
   std::vector<float> out(static_cast<size_t>(channels) * ph * pw);
   for (int c = 0; c < channels; ++c) {
     for (int y = 0; y < ph; ++y) {
-      const float* src = chw + (static_cast<size_t>(c) * h + reflect_index(y, h)) * w;
+      const float* src = chw + (static_cast<size_t>(c) * h + edge_index(y, h)) * w;
       float* dst = out.data() + (static_cast<size_t>(c) * ph + y) * pw;
-      for (int x = 0; x < pw; ++x) dst[x] = src[reflect_index(x, w)];
+      for (int x = 0; x < pw; ++x) dst[x] = src[edge_index(x, w)];
     }
   }
   return out;

@@ -92,7 +92,7 @@ std::vector<float> Upscaler::upscale_chw(const float* chw, int height, int width
   const StepPlan plan = step_plan(options);
   const int channels = bundle_.manifest.channels, scale = bundle_.manifest.scale;
   const TilePlan tiles = plan_tiles(height, width, tile_, overlap_, bundle_.manifest.lr_multiple_of());
-  const std::vector<float> canvas = pad_reflect(tiles, chw, channels);
+  const std::vector<float> canvas = pad_edge(tiles, chw, channels);
   const bool pad_batch = backend_->fixed_batch() > 0;
   Blender blender(tiles, scale, channels);
   std::lock_guard<std::mutex> lock(mutex_);

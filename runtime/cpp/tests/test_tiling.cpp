@@ -1,4 +1,4 @@
-// Tile plans, numpy-style reflect padding and the blend, against values esrdf.runtime.tiling gives.
+// Tile plans, numpy-style edge padding and the blend, against values esrdf.runtime.tiling gives.
 #include <cmath>
 
 #include "check.h"
@@ -23,14 +23,14 @@ void plans_clamp_the_last_tile() {
   CHECK_ERROR(esrdf::plan_tiles(8, 8, 8, 8, 4), esrdf::ErrorCode::kInvalidArgument, "overlap");
 }
 
-void reflect_padding_is_numpys() {
-  // np.pad([[0, 1, 2]], ((0, 0), (0, 5)), mode="reflect") -> [0 1 2 1 0 1 2 1]: reflected repeatedly.
+void edge_padding_is_numpys() {
+  // np.pad([[0, 1, 2]], ((0, 0), (0, 5)), mode="edge") -> [0 1 2 2 2 2 2 2]: the last sample repeated.
   const auto p = esrdf::plan_tiles(1, 3, 8, 0);
   const float row[3] = {0.f, 1.f, 2.f};
-  const auto padded = esrdf::pad_reflect(p, row, 1);
-  const float want[8] = {0, 1, 2, 1, 0, 1, 2, 1};
+  const auto padded = esrdf::pad_edge(p, row, 1);
+  const float want[8] = {0, 1, 2, 2, 2, 2, 2, 2};
   bool same = true;
-  for (int y = 0; y < 8; ++y)  // a single row reflects onto itself
+  for (int y = 0; y < 8; ++y)  // a single row is repeated downwards
     for (int x = 0; x < 8; ++x) same &= padded[static_cast<size_t>(y) * 8 + x] == want[x];
   CHECK(same);
 }
@@ -90,7 +90,7 @@ void images_convert_like_python() {
 
 int main() {
   plans_clamp_the_last_tile();
-  reflect_padding_is_numpys();
+  edge_padding_is_numpys();
   weights_ramp_only_towards_neighbours();
   blending_agreeing_tiles_returns_the_image();
   images_convert_like_python();

@@ -170,8 +170,8 @@ struct TilePlan {
 };
 
 TilePlan plan_tiles(int height, int width, int tile, int overlap, int multiple_of = 1);
-// (C, h, w) -> (C, padded_h, padded_w), numpy 'reflect' padding on the bottom/right.
-std::vector<float> pad_reflect(const TilePlan& plan, const float* chw, int channels);
+// (C, h, w) -> (C, padded_h, padded_w), numpy 'edge' padding on the bottom/right.
+std::vector<float> pad_edge(const TilePlan& plan, const float* chw, int channels);
 std::vector<float> tile_weights(const TilePlan& plan, const Tile& tile, int scale);  // (th*s, tw*s)
 
 class Blender {  // float32 accumulation in the same order as tiling.Blender
