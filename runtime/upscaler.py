@@ -2,13 +2,18 @@
 
     from esrdf.config import SamplingOptions
     from esrdf.runtime import Upscaler
-    upscaler = Upscaler("bundle/", backend="onnxruntime", device="cpu")
+    upscaler = Upscaler("bundle/")                  # backend="auto": OpenVINO bf16 where the CPU has it
     hr = upscaler(lr_uint8_hwc, SamplingOptions(steps=20, seed=0))   # numpy HxWx3 uint8 in, numpy out
     hr_pil = upscaler(pil_image)                                     # PIL in, PIL out; default sampling
 
+``backend="auto"`` (the default) opens the engine ``esrdf.runtime.backend_choice`` names for this machine
+and ``precision`` (None: that backend's best that meets the parity bars); ``choice`` says what was picked
+and why. An explicit backend is used as given.
+
 Thread safety: an ``Upscaler`` is immutable after construction. Each call keeps its state (tiles, noise,
-the sampler's x_t) in locals, and the onnxruntime engine builds a fresh IOBinding per engine call, so
-several threads may call one ``Upscaler`` at once. There is no global state: two Upscalers with different
+the sampler's x_t) in locals; the onnxruntime engine builds a fresh IOBinding per engine call and the
+OpenVINO engine takes an infer request per call from a pool, so several threads may call one
+``Upscaler`` at once. There is no global state: two Upscalers with different
 bundles or settings coexist in one process.
 
 On CUDA (torch or tensorrt backends) each batch of tiles runs as one CUDA-graph replay of the whole sampler
@@ -28,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from esrdf.config import ResolvedSampling, SamplingOptions
+from esrdf.runtime.backend_choice import AUTO, BackendChoice, resolve_backend
 from esrdf.runtime.backends import open_engine
 from esrdf.runtime.bundle import Bundle, BundleError, Manifest, load_bundle
 from esrdf.runtime.driver import ProgressFn, fixed_shape, upscale_array
@@ -42,9 +48,9 @@ class Upscaler:
     def __init__(
         self,
         bundle_dir: str | os.PathLike[str],
-        backend: str = "onnxruntime",
+        backend: str = AUTO,
         device: str = "cpu",
-        precision: str = "fp32",
+        precision: str | None = None,
         threads: int | None = None,
         tile: int | None = None,
         overlap: int | None = None,
@@ -58,7 +64,10 @@ class Upscaler:
                 f"{bundle_dir}: graphs for {self.manifest.channels} channels in {self.manifest.value_range}; "
                 "this runtime upscales RGB images in [-1, 1]"
             )
-        self.engine: Engine = open_engine(self.bundle, backend, device, precision, threads)
+        self.choice: BackendChoice = resolve_backend(backend, device, precision, self.bundle)
+        self.engine: Engine = open_engine(
+            self.bundle, self.choice.backend, device, self.choice.precision, threads
+        )
         fixed_batch, fixed_tile = fixed_shape(self.manifest)
         exported = self.manifest.export
         self.tile = _first_given(tile, fixed_tile, exported.tile)
