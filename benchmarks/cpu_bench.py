@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rebuild", action="store_true", help="re-create checkpoints and re-export bundles")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny shapes, few repeats, no paper model")
     p.add_argument("--models", default="paper,small,default", help="which of paper,small,default to run")
+    p.add_argument(
+        "--no-quality", action="store_true", help="latency only: skip the default model's quality sweep"
+    )
     # One thread by default: the README's numbers come from a 2-core VM shared with other jobs, where two
     # spinning thread pools (onnxruntime's, OpenMP's) slowed single calls up to 20x when another process ran.
     p.add_argument("--threads", type=int, default=1, help="threads for every backend; 0: all usable CPUs")
@@ -97,7 +100,7 @@ class ModelRun:
     backends: str = BACKENDS
 
 
-def plans(quick: bool) -> dict[str, ModelRun]:
+def plans(quick: bool, quality_sweep: bool = True) -> dict[str, ModelRun]:
     """Per model: LR tile and esrdf-bench arguments, sized so the whole run fits ~10 min on 2 CPU cores."""
     if quick:
         common: tuple[str, ...] = ("--repeats", "3", "--warmup", "1", "--max-seconds", "2", "--steps", "1,4")
@@ -123,6 +126,7 @@ def plans(quick: bool) -> dict[str, ModelRun]:
         "--quality-max-size",
         "128",
     )
+    quality = quality if quality_sweep else ()
     return {
         # 32 px LR / 128 px HR: the size of the paper-step goal (issue 13); the eager DDPM-over-T reference
         # (200 steps at ~0.4 s) is timed on the small model only, to keep the run near its budget.
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [m for m in args.models.split(",") if m]
     ran: list[str] = []
     failed: list[str] = []
-    for name, run in plans(args.quick).items():
+    for name, run in plans(args.quick, not args.no_quality).items():
         if name not in wanted:
             continue
         pair = bundle_for(name, work, run.tile, args.rebuild)
