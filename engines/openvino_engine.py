@@ -47,6 +47,11 @@ if TYPE_CHECKING:
     from esrdf.runtime.bundle import Bundle
 
 PRECISIONS = ("fp32", "bf16")
+# Tiles per call where the caller leaves it (``Upscaler``): batching gains nothing on the CPU, which is
+# compute-bound at these tile sizes, and each extra batch size is another compiled shape. esrdf-bench on the
+# default model, 32 px LR tiles, bf16 per graph, 2-core VM under load 13-16: step 244, 266 and 305 ms per
+# tile at batch 1, 2 and 4 (p50; benchmarks/results/cpu_default.json).
+PREFERRED_BATCH = 1
 HINTS = {"fp32": "f32", "bf16": "bf16"}  # the bundle's precision names -> OpenVINO element types
 Shapes = tuple[tuple[int, ...], ...]  # one static shape per graph input, in the graph contract's order
 
@@ -178,6 +183,7 @@ class OpenVinoEngine:
     """Predictor and step graphs on OpenVINO's CPU plugin, each at its own precision; numpy arrays."""
 
     name = "openvino"
+    preferred_batch = PREFERRED_BATCH
 
     def __init__(
         self,

@@ -71,7 +71,10 @@ class Upscaler:
         fixed_batch, fixed_tile = fixed_shape(self.manifest)
         exported = self.manifest.export
         self.tile = _first_given(tile, fixed_tile, exported.tile)
-        self.batch = _first_given(batch, fixed_batch, exported.batch)
+        # An engine may prefer a batch of its own where the graphs leave it free: OpenVINO on the CPU runs
+        # best at 1 tile per call (esrdf.engines.openvino_engine.PREFERRED_BATCH), else the export's batch.
+        preferred = getattr(self.engine, "preferred_batch", None)
+        self.batch = _first_given(batch, fixed_batch, preferred, exported.batch)
         # Default seam: 1/8 of the tile (8 LR pixels for 64-pixel tiles); work grows as 1/(tile - overlap)^2.
         self.overlap = 0 if self.tile == 0 else (self.tile // 8 if overlap is None else overlap)
         if self.tile and not 0 <= self.overlap < self.tile:
