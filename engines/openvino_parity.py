@@ -15,8 +15,10 @@ OpenVINO version and the graph, so it is measured where it runs, not at export. 
 
 A graph that misses its bar runs f32, the others bf16; if the mix then misses the end-to-end bar, both run
 f32. The record (figures, bars, the precisions chosen) is written to the user cache under a digest of what
-it depends on (OpenVINO version, CPU model and flags, both graphs' sha256, tile), and is what
-``OpenVinoEngine.parity`` and ``esrdf-run -v`` show.
+it depends on (OpenVINO version, CPU model and flags, both graphs' sha256, tile; not the thread count,
+which changes rounding order only), and is what ``OpenVinoEngine.parity`` and ``esrdf-run -v`` show. It is
+JSON at ``<cache>/openvino/parity/<digest>.json``; its ``precisions`` ({"predictor": "fp32"|"bf16",
+"step": ...}) is what another runtime on the same machine (runtime/cpp's openvino backend) can read.
 """
 
 from __future__ import annotations

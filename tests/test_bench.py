@@ -140,7 +140,7 @@ def test_report_has_the_schema_fields(cli_report):
     }
     assert {("onnxruntime", 1, "eager PyTorch"), ("onnxruntime", 2, "paper-code reference")} <= versus
     assert all(c["speedup"] > 0 for c in report["comparisons"])
-    assert set(report["best_batch"]) == {"onnxruntime", "eager"}
+    assert {"onnxruntime", "eager"} <= set(report["best_batch"]) <= {"onnxruntime", "eager", "openvino-auto"}
     assert (out / "bench.md").read_text().count("| onnxruntime |") >= 2
 
 
