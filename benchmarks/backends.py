@@ -26,6 +26,7 @@ from esrdf.runtime.backends import open_engine
 from esrdf.runtime.bundle import Bundle, BundleError
 from esrdf.runtime.driver import upscale_array
 from esrdf.runtime.engine import EngineError
+from esrdf.runtime.graph_spec import GRAPH_ROLES, PREDICTOR, STEP
 from esrdf.runtime.sampling import StepPlan
 
 if TYPE_CHECKING:
@@ -43,6 +44,10 @@ BACKENDS: dict[str, str] = {
     "torch-cuda-graph": "torch engine fp16, whole sampler loop in one CUDA graph; CUDA only",
     "onnxruntime": "runtime driver + onnxruntime, fp32 graphs",
     "onnxruntime-fp16": "runtime driver + onnxruntime, mixed fp16 graphs (norms, softmax, update fp32)",
+    "openvino": "runtime driver + OpenVINO CPU, fp32 graphs, f32 inference",
+    "openvino-bf16": "runtime driver + OpenVINO CPU, bf16 inference (precision hint) on both graphs",
+    "openvino-auto": "runtime driver + OpenVINO CPU, bf16 per graph where it meets the bf16 bars here "
+    "(what --backend auto runs on a bf16 CPU)",
     "tensorrt-graph": "TensorRT fp16 plans, whole sampler loop in one CUDA graph; CUDA + tensorrt only",
 }
 CUDA_ONLY = ("torch-fp16", "torch-cuda-graph", "tensorrt-graph")
@@ -258,13 +263,34 @@ def open_runner(
         raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
     _require(device == "cuda" or name not in CUDA_ONLY, f"{name} needs a CUDA device (running on {device})")
     _require(not (name == "torch-bf16" and device != "cpu"), "bf16 autocast is the CPU path; use torch-fp16")
-    needs_torch = name not in ("onnxruntime", "onnxruntime-fp16")
+    needs_torch = not name.startswith(("onnxruntime", "openvino"))
     _require(not needs_torch or importlib.util.find_spec("torch") is not None, "torch is not installed")
     get_models = models or (lambda: eager_models(bundle))
     try:
         return _open(name, bundle, device, threads, get_models)
     except (EngineError, ImportError) as exc:
         raise BackendSkipped(str(exc).split("\n")[0]) from exc
+
+
+def _openvino_runner(name: str, bundle: Bundle, device: str, threads: int | None) -> Runner:
+    """f32, bf16 on both graphs (unchecked: for timing), or the parity-checked per-graph mix."""
+    _require(importlib.util.find_spec("openvino") is not None, "openvino is not installed")
+    _require(device == "cpu", "the OpenVINO engine runs on the CPU")
+    if name == "openvino":
+        return EngineRunner(
+            name, open_engine(bundle, "openvino", device, "fp32", threads), bundle, device, "fp32"
+        )
+    native, evidence = bf16_support()
+    _require(native, f"no native bf16 on this CPU ({evidence})")
+    if name == "openvino-auto":
+        engine = open_engine(bundle, "openvino", device, "bf16", threads)
+        mix = "/".join(engine.precisions[r] for r in GRAPH_ROLES)
+        return EngineRunner(name, engine, bundle, device, f"{mix} (predictor/step)")
+    from esrdf.engines.openvino_engine import OpenVinoEngine
+
+    paths = (bundle.graph_path(PREDICTOR, "fp32"), bundle.graph_path(STEP, "fp32"))
+    engine = OpenVinoEngine(*paths, dict.fromkeys(GRAPH_ROLES, "bf16"), threads)
+    return EngineRunner(name, engine, bundle, device, "bf16")
 
 
 def _open(
@@ -285,6 +311,8 @@ def _open(
         )
         engine = open_engine(bundle, "onnxruntime", device, precision, threads)
         return EngineRunner(name, engine, bundle, device, precision)
+    if name.startswith("openvino"):
+        return _openvino_runner(name, bundle, device, threads)
     if name == "torch":
         return EngineRunner(name, open_engine(bundle, "torch", device, "fp32"), bundle, device, "fp32")
     if name == "torch-bf16":

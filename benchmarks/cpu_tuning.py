@@ -10,16 +10,19 @@ and, where the CPU has avx512_bf16 or AMX, under bf16 autocast.
 
 bf16 in onnxruntime: its CPU execution provider has a bf16 fast-math GEMM only on ARM64 (session option
 ``mlas.enable_gemm_fastmath_arm64_bfloat16``); on x86-64 there is no bf16 compute path, so the bf16
-candidate here is torch's (oneDNN) autocast.
+candidates here are torch's (oneDNN) autocast and OpenVINO's ``INFERENCE_PRECISION_HINT`` (where openvino
+is installed): the OpenVINO engine at f32 and bf16, each at its default threads, 1 thread and every usable
+CPU, with the LATENCY performance hint (the engine's) and THROUGHPUT.
 
 Every candidate's output is compared with the eager fp32 step on real-photo inputs built as export builds
 them (``esrdf.export.parity.make_feeds``: coefs (0, 1, 0), so the output is eps itself): fp32 candidates
-against the fp32 graph bar, fp16/bf16 ones against the fp16 graph bar.
+against the fp32 graph bar, fp16 ones against the fp16 graph bar, bf16 ones against the bf16 graph bar.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -29,8 +32,8 @@ import numpy as np
 from esrdf.bench.latency import time_call, workload_photo
 from esrdf.bench.machine import bf16_support, usable_cpus
 from esrdf.runtime.bundle import Bundle
-from esrdf.runtime.graph_spec import PREDICTOR, STEP
-from esrdf.runtime.tolerances import FP16_GRAPH, FP32_GRAPH
+from esrdf.runtime.graph_spec import PREDICTOR, STEP, graph_spec
+from esrdf.runtime.tolerances import BF16_GRAPH, FP16_GRAPH, FP32_GRAPH
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -121,7 +124,11 @@ def combined_best(results: list[dict[str, Any]]) -> OrtConfig | None:
 def _parity(output: np.ndarray, reference: np.ndarray, precision: str) -> dict[str, Any]:
     from esrdf.export.parity import bar_failures, compare
 
-    bar, bar_name = (FP32_GRAPH, "fp32_graph") if precision == "fp32" else (FP16_GRAPH, "fp16_graph")
+    bar, bar_name = {
+        "fp32": (FP32_GRAPH, "fp32_graph"),
+        "fp16": (FP16_GRAPH, "fp16_graph"),
+        "bf16": (BF16_GRAPH, "bf16_graph"),
+    }[precision]
     figures = compare(output, reference)
     failures = bar_failures(figures, bar, f"step {precision}")
     return {
@@ -150,6 +157,60 @@ def _time_ort(
     return {
         "label": config.label,
         "engine": "onnxruntime",
+        "precision": config.precision,
+        "settings": config.settings(),
+        **t.as_dict(),
+        **_parity(output, reference, config.precision),
+    }
+
+
+@dataclass(frozen=True)
+class OpenVinoConfig:
+    """OpenVINO CPU settings for the step graph; the defaults are the OpenVINO engine's (LATENCY hint)."""
+
+    label: str
+    precision: str = "fp32"
+    threads: int | None = None  # None: OpenVINO's default (every core)
+    hint: str = "LATENCY"
+
+    def settings(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "label"}
+
+
+def openvino_candidates(cpus: int, native_bf16: bool) -> list[OpenVinoConfig]:
+    found = []
+    for precision in ("fp32", "bf16") if native_bf16 else ("fp32",):
+        found.append(OpenVinoConfig(f"openvino {precision}", precision))
+        found.append(OpenVinoConfig(f"openvino {precision}, THROUGHPUT", precision, hint="THROUGHPUT"))
+        for threads in sorted({1, cpus}):
+            found.append(OpenVinoConfig(f"openvino {precision}, {threads} thread(s)", precision, threads))
+    return found
+
+
+def _time_openvino(
+    bundle: Bundle,
+    config: OpenVinoConfig,
+    feeds: dict[str, np.ndarray],
+    timing: dict[str, Any],
+    reference: np.ndarray,
+) -> dict[str, Any]:
+    from esrdf.engines.openvino_engine import HINTS, shared_core
+
+    model = shared_core().read_model(str(bundle.graph_path(STEP, "fp32")))
+    model.reshape({k: list(v.shape) for k, v in feeds.items()})
+    settings: dict[str, Any] = {
+        "INFERENCE_PRECISION_HINT": HINTS[config.precision],
+        "PERFORMANCE_HINT": config.hint,
+    }
+    if config.threads is not None:
+        settings["INFERENCE_NUM_THREADS"] = config.threads
+    request = shared_core().compile_model(model, "CPU", settings).create_infer_request()
+    inputs = [feeds[name] for name in graph_spec(STEP).input_names]
+    output = np.asarray(request.infer(inputs, share_outputs=False)[0])
+    t = time_call(lambda: request.infer(inputs), **timing)
+    return {
+        "label": config.label,
+        "engine": "openvino",
         "precision": config.precision,
         "settings": config.settings(),
         **t.as_dict(),
@@ -244,6 +305,10 @@ def run_cpu_tuning(
     if combined is not None:
         results.append(_time_ort(bundle, combined, feeds, timing, reference))
         log(f"cpu tuning: {combined.label:28s} p50 {results[-1]['p50_ms']:9.2f} ms")
+    if importlib.util.find_spec("openvino") is not None:
+        for ov_config in openvino_candidates(usable_cpus(), native_bf16):
+            results.append(_time_openvino(bundle, ov_config, feeds, timing, reference))
+            log(f"cpu tuning: {ov_config.label:28s} p50 {results[-1]['p50_ms']:9.2f} ms")
     return summarize_tuning(results, lr_tile, scale, source, native_bf16, evidence)
 
 
@@ -276,4 +341,5 @@ def summarize_tuning(
         "fastest_onnxruntime_fp32_within_bar": fastest(
             [r for r in within if r["engine"] == "onnxruntime" and r["precision"] == "fp32"]
         ),
+        "fastest_openvino_within_bar": fastest([r for r in within if r["engine"] == "openvino"]),
     }

@@ -17,6 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# bf16 detection lives in the runtime (which chooses backends by it); re-exported for the bench.
+from esrdf.runtime.cpu_info import BF16_FLAGS as BF16_FLAGS
+from esrdf.runtime.cpu_info import bf16_support, cpu_flags, cpuinfo_fields
+
 # Flags that decide which fast CPU paths exist (oneDNN / MLAS kernels dispatch on these).
 SIMD_FLAGS = (
     "avx2",
@@ -31,7 +35,6 @@ SIMD_FLAGS = (
     "amx_fp16",
     "amx_int8",
 )
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 LIBRARIES = (
     "numpy",
     "torch",
@@ -39,46 +42,12 @@ LIBRARIES = (
     "onnxruntime",
     "onnxconverter_common",
     "tensorrt",
+    "openvino",
     "matplotlib",
     "scikit-image:skimage",
     "scikit-learn:sklearn",
     "scipy",
 )
-CPUINFO = Path("/proc/cpuinfo")
-
-
-def cpuinfo_fields(text: str | None = None) -> dict[str, str]:
-    """The first processor block of /proc/cpuinfo as {key: value} (empty where it is unreadable)."""
-    if text is None:
-        try:
-            text = CPUINFO.read_text()
-        except OSError:
-            return {}
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        if not line.strip():
-            if fields:
-                break  # one processor is enough: all cores of one machine report the same model and flags
-            continue
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    return fields
-
-
-def cpu_flags(fields: dict[str, str] | None = None) -> set[str]:
-    info = cpuinfo_fields() if fields is None else fields
-    return set(info.get("flags", "").split())
-
-
-def bf16_support(flags: set[str] | None = None) -> tuple[bool, str]:
-    """(does the CPU run bf16 natively?, the evidence) from its /proc/cpuinfo flags."""
-    have = cpu_flags() if flags is None else flags
-    native = [f for f in BF16_FLAGS if f in have]
-    if native:
-        return True, f"CPU has {', '.join(native)}"
-    if not have:
-        return False, "CPU flags unknown (/proc/cpuinfo unreadable)"
-    return False, f"CPU has none of {', '.join(BF16_FLAGS)}: bf16 would be emulated in fp32"
 
 
 def usable_cpus() -> int:

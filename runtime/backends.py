@@ -16,7 +16,7 @@ from esrdf.runtime.engine import Engine, EngineError
 if TYPE_CHECKING:
     from esrdf.runtime.bundle import Bundle
 
-BACKENDS = ("onnxruntime", "torch", "tensorrt")
+BACKENDS = ("onnxruntime", "openvino", "torch", "tensorrt")  # "auto" (esrdf.runtime.backend_choice) picks one
 
 
 def open_engine(
@@ -31,6 +31,10 @@ def open_engine(
         from esrdf.engines.onnxruntime_engine import OnnxRuntimeEngine
 
         return OnnxRuntimeEngine.from_bundle(bundle, precision=precision, device=device, threads=threads)
+    if backend == "openvino":
+        from esrdf.engines.openvino_engine import OpenVinoEngine
+
+        return OpenVinoEngine.from_bundle(bundle, precision=precision, device=device, threads=threads)
     if backend == "torch":
         try:
             from esrdf.engines.torch_engine import TorchEngine

@@ -28,6 +28,7 @@ from rich.console import Console
 
 from esrdf.cli.sampling import sampling_options
 from esrdf.config import SamplingOptions
+from esrdf.runtime.backend_choice import AUTO
 from esrdf.runtime.backends import BACKENDS
 from esrdf.runtime.bundle import BundleError
 from esrdf.runtime.engine import EngineError
@@ -182,6 +183,26 @@ def shipped_bundle_dir() -> Path:
         raise click.ClickException(f"{exc}; or pass --engine BUNDLE_DIR") from None
 
 
+def describe_choice(upscaler: Upscaler) -> list[str]:
+    """What ``-v`` prints: the backend and why, each graph's precision and the parity figures behind it."""
+    choice = upscaler.choice
+    lines = [f"backend: {choice.backend} ({choice.reason})"]
+    describe = getattr(upscaler.engine, "describe", None)
+    lines.append(f"engine: {describe() if describe else f'{choice.backend} {choice.precision}'}")
+    parity = getattr(upscaler.engine, "parity", None) or {}
+    for role, reason in parity.get("reasons", {}).items():
+        lines.append(f"  {role}: {parity['precisions'][role]}, {reason}")
+    e2e = parity.get("end_to_end")
+    if e2e:
+        sampled = f"{e2e['steps']} {e2e['sampler']} steps, same noise"
+        lines.append(f"  end to end vs f32: {e2e['psnr_db']:.1f} dB ({sampled})")
+    if parity:
+        cached = "cached record" if parity.get("cached") else f"measured now in {parity['measure_seconds']} s"
+        lines.append(f"  parity: {cached}, on this machine")
+    lines.append(f"tiles: {upscaler.tile} LR px, batch {upscaler.batch}, overlap {upscaler.overlap}")
+    return lines
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--engine",
@@ -210,11 +231,25 @@ def shipped_bundle_dir() -> Path:
 @click.option("--tile", type=click.IntRange(min=0), default=None, help="LR tile size; 0 = whole image.")
 @click.option("--overlap", type=click.IntRange(min=0), default=None, help="LR pixels; default tile / 8.")
 @click.option("--batch", type=click.IntRange(min=1), default=None, help="Tiles per engine call.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
-@click.option("--backend", type=click.Choice(BACKENDS), default="onnxruntime", show_default=True)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    default=None,
+    help="Graph precision [the backend's best within the parity bars: OpenVINO bf16 per graph, else fp32].",
+)
+@click.option(
+    "--backend",
+    type=click.Choice((AUTO, *BACKENDS)),
+    default=AUTO,
+    show_default=True,
+    help="auto: OpenVINO bf16 on CPUs with AVX512_BF16 or AMX, else onnxruntime; CUDA engines on cuda.",
+)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (onnxruntime).")
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (onnxruntime, openvino)."
+)
 @click.option("--overwrite", is_flag=True, help="Redo outputs that already exist.")
+@click.option("-v", "--verbose", is_flag=True, help="Say which backend and precisions were picked, and why.")
 @click.option(
     "--max-pixels",
     type=click.IntRange(min=1),
@@ -235,8 +270,9 @@ def shipped_bundle_dir() -> Path:
 )
 def main(
     engine_dir: Path | None, source: Path, target: Path, sampling: SamplingOptions,
-    tile: int | None, overlap: int | None, batch: int | None, precision: str, backend: str, device: str,
-    threads: int | None, overwrite: bool, max_pixels: int, no_cuda_graph: bool, output_bits: str,
+    tile: int | None, overlap: int | None, batch: int | None, precision: str | None, backend: str,
+    device: str, threads: int | None, overwrite: bool, verbose: bool, max_pixels: int, no_cuda_graph: bool,
+    output_bits: str,
 ) -> None:  # fmt: skip
     """Upscale IN (an image or a folder of images) into OUT with an ESRDF bundle.
 
@@ -253,6 +289,9 @@ def main(
                 cuda_graph=not no_cuda_graph,
             )  # fmt: skip
             upscaler.step_plan(options)  # bad sampling options fail once here, not once per image
+            if verbose:
+                for line in describe_choice(upscaler):
+                    console.print(line)
             report = run_jobs(upscaler, jobs, options, overwrite, max_pixels, console, output_bits)
     except (RunSettingsError, OutputError) as exc:
         raise BadCommand(str(exc)) from None

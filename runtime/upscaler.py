@@ -2,7 +2,7 @@
 
     from esrdf.config import SamplingOptions
     from esrdf.runtime import Upscaler
-    upscaler = Upscaler("bundle/", backend="onnxruntime", device="cpu")
+    upscaler = Upscaler("bundle/")                  # backend="auto": OpenVINO bf16 where the CPU has it
     hr = upscaler(lr_uint8_hwc, SamplingOptions(steps=20, seed=0))   # numpy HxWx3 uint8 in, numpy out
     hr_pil = upscaler(pil_image)                                     # PIL in, PIL out; the bundle's sampling
 
@@ -16,9 +16,14 @@ on its replicated channels and comes back as the mean of the output channels; al
 bicubic; uint16 stays 16-bit through the float path. Float arrays are refused (``TypeError`` naming the
 accepted kinds).
 
+``backend="auto"`` (the default) opens the engine ``esrdf.runtime.backend_choice`` names for this machine
+and ``precision`` (None: that backend's best that meets the parity bars); ``choice`` says what was picked
+and why. An explicit backend is used as given.
+
 Thread safety: an ``Upscaler`` is immutable after construction. Each call keeps its state (tiles, noise,
-the sampler's x_t) in locals, and the onnxruntime engine builds a fresh IOBinding per engine call, so
-several threads may call one ``Upscaler`` at once. There is no global state: two Upscalers with different
+the sampler's x_t) in locals; the onnxruntime engine builds a fresh IOBinding per engine call and the
+OpenVINO engine takes an infer request per call from a pool, so several threads may call one
+``Upscaler`` at once. There is no global state: two Upscalers with different
 bundles or settings coexist in one process.
 
 On CUDA (torch or tensorrt backends) each batch of tiles runs as one CUDA-graph replay of the whole sampler
@@ -38,9 +43,10 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from esrdf.config import ResolvedSampling, SamplingOptions
+from esrdf.runtime.backend_choice import AUTO, BackendChoice, resolve_backend
 from esrdf.runtime.backends import open_engine
 from esrdf.runtime.bundle import Bundle, BundleError, Manifest, load_bundle
-from esrdf.runtime.driver import ProgressFn, upscale_array
+from esrdf.runtime.driver import ProgressFn, fixed_shape, upscale_array
 from esrdf.runtime.engine import BatchSamplerFactory, BatchSamplerSource, Engine, loading_engine_file
 from esrdf.runtime.images import (
     Picture,
@@ -59,9 +65,9 @@ class Upscaler:
     def __init__(
         self,
         bundle_dir: str | os.PathLike[str],
-        backend: str = "onnxruntime",
+        backend: str = AUTO,
         device: str = "cpu",
-        precision: str = "fp32",
+        precision: str | None = None,
         threads: int | None = None,
         tile: int | None = None,
         overlap: int | None = None,
@@ -75,10 +81,20 @@ class Upscaler:
                 f"{bundle_dir}: graphs for {self.manifest.channels} channels in {self.manifest.value_range}; "
                 "this runtime upscales RGB images in [-1, 1]"
             )
+        self.choice: BackendChoice = resolve_backend(backend, device, precision, self.bundle)
+        # OpenVINO's bf16 runs the fp32 graphs; the bundle must hold the graphs the engine reads.
+        graphs = "fp32" if self.choice.precision == "bf16" else self.choice.precision
         # Settings the graphs cannot take fail here, once, before the engine loads (RunSettingsError).
-        self.tile, self.overlap, self.batch = resolve_tiling(self.bundle, precision, tile, overlap, batch)
+        self.tile, self.overlap, self.batch = resolve_tiling(self.bundle, graphs, tile, overlap, batch)
         with loading_engine_file(self.bundle.root):  # any engine's stray load error: one line
-            self.engine: Engine = open_engine(self.bundle, backend, device, precision, threads)
+            self.engine: Engine = open_engine(
+                self.bundle, self.choice.backend, device, self.choice.precision, threads
+            )
+        # An engine may prefer a batch of its own where the graphs leave it free: OpenVINO on the CPU runs
+        # best at 1 tile per call (esrdf.engines.openvino_engine.PREFERRED_BATCH), else the export's batch.
+        preferred = getattr(self.engine, "preferred_batch", None)
+        if batch is None and fixed_shape(self.manifest)[0] is None and preferred is not None:
+            self.batch = preferred
         # CUDA engines sample each batch as one graph replay, at one fixed batch (one graph per key).
         self._batches: BatchSamplerFactory | None = None
         if isinstance(self.engine, BatchSamplerSource):

@@ -8,6 +8,7 @@ see (a sleep lasts at least its length; 200 steps take longer than 1).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import time
@@ -89,7 +90,7 @@ def cli_report(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
             "--engine",
             str(bundle_dir),
             "--backends",
-            "onnxruntime,eager,torch-fp16",
+            "onnxruntime,eager,torch-fp16,openvino-auto",
             "--steps",
             "1,2",
             "--batch",
@@ -139,7 +140,7 @@ def test_report_has_the_schema_fields(cli_report):
     }
     assert {("onnxruntime", 1, "eager PyTorch"), ("onnxruntime", 2, "paper-code reference")} <= versus
     assert all(c["speedup"] > 0 for c in report["comparisons"])
-    assert set(report["best_batch"]) == {"onnxruntime", "eager"}
+    assert {"onnxruntime", "eager"} <= set(report["best_batch"]) <= {"onnxruntime", "eager", "openvino-auto"}
     assert (out / "bench.md").read_text().count("| onnxruntime |") >= 2
 
 
@@ -172,11 +173,13 @@ def test_cpu_tuning_checks_every_candidate_against_its_bar(cli_report):
     labels = [c["label"] for c in tuning["candidates"]]
     assert labels[0] == "torch eager fp32" and "engine default" in labels and "fp16 graph" in labels
     for c in tuning["candidates"]:
-        assert c["bar"] == ("fp32_graph" if c["precision"] == "fp32" else "fp16_graph")
+        assert c["bar"] == {"fp32": "fp32_graph", "fp16": "fp16_graph", "bf16": "bf16_graph"}[c["precision"]]
         assert c["within_bar"] == (not c["failures"])
         assert math.isfinite(c["parity"]["psnr_db"])
-    # onnxruntime fp32 must match eager fp32 within the fp32 bar under any session setting
+    # onnxruntime and OpenVINO fp32 must match eager fp32 within the fp32 bar under any setting
     assert all(c["within_bar"] for c in tuning["candidates"] if c["precision"] == "fp32")
+    if importlib.util.find_spec("openvino") is not None:
+        assert {"openvino fp32", "openvino fp32, 1 thread(s)"} <= set(labels)
     assert tuning["fastest_within_bars"] in labels
 
 
@@ -184,6 +187,8 @@ def test_cpu_tuning_checks_every_candidate_against_its_bar(cli_report):
 def test_missing_backend_is_skipped_with_a_reason(cli_report, bundle_dir):
     statuses = {s["name"]: s for s in cli_report[0]["backends"]}
     assert statuses["torch-fp16"]["status"] == "skipped"
+    if importlib.util.find_spec("openvino") is not None and bf16_support()[0]:
+        assert statuses["openvino-auto"]["status"] == "ok", statuses["openvino-auto"]
     assert "CUDA" in statuses["torch-fp16"]["reason"]
     # RSS need not grow (pages freed by an earlier backend are reused), so only its presence is checked.
     assert statuses["onnxruntime"]["status"] == "ok" and statuses["onnxruntime"]["rss_added_mib"] >= 0

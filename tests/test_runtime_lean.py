@@ -21,8 +21,9 @@ from esrdf.runtime.images import load_image
 # Run the onnxruntime path end to end: the shipped bundle on a crop of its sample photo, 2 steps, 2 tiles.
 photo = load_image(default_bundle_dir().parent / "sample" / "chelsea.png")
 rgb = np.ascontiguousarray(photo[100:108, 200:212])
-out = Upscaler(default_bundle_dir(), threads=1, tile=8, overlap=0)(rgb, SamplingOptions(steps=2))
-assert out.shape == (32, 48, 3) and out.dtype == np.uint8, out.shape
+for backend in ("onnxruntime", "auto"):  # auto: OpenVINO where it is installed and the CPU has bf16
+    out = Upscaler(default_bundle_dir(), backend, threads=1, tile=8, overlap=0)(rgb, SamplingOptions(steps=2))
+    assert out.shape == (32, 48, 3) and out.dtype == np.uint8, out.shape
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in {"torch", "tensorrt", "torchvision", "onnx"})
 training = sorted(m for m in sys.modules if m.startswith(("esrdf.models", "esrdf.diffusion", "esrdf.training",
                                                           "esrdf.losses", "esrdf.export")))

@@ -104,7 +104,8 @@ def crops(eval_photos: dict[str, np.ndarray]) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def reference(server: dict[str, Any]) -> Upscaler:
-    return Upscaler(server["bundle"], threads=1)  # the server's workers also run 1 intra-op thread
+    # esrdf-serve's workers run onnxruntime (its default backend) with 1 intra-op thread
+    return Upscaler(server["bundle"], "onnxruntime", threads=1)
 
 
 def _infer(module: Any, client: Any, rgb: np.ndarray, seed: int, steps: int = STEPS) -> np.ndarray:

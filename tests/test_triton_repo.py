@@ -95,7 +95,7 @@ def test_bls_model_compiles_and_serves_like_the_runtime(
     manifest = load_bundle(bundle).manifest
     engine = OnnxRuntimeEngine.from_bundle(load_bundle(bundle), threads=1)
     s = settings
-    reference = Upscaler(bundle, threads=1, tile=s.tile, overlap=s.overlap, batch=s.batch)
+    reference = Upscaler(bundle, "onnxruntime", threads=1, tile=s.tile, overlap=s.overlap, batch=s.batch)
     rgb = np.ascontiguousarray(eval_photos["coffee"][100:114, 200:217])
     request = {"image": rgb, "seed": np.array([4], np.uint64), "steps": np.array([STEPS], np.int32),
                "sampler": np.array([b"ddim"], object), "eta": np.array([0.5], np.float32),

@@ -6,8 +6,9 @@
         future = service.submit(rgb_uint8, SamplingOptions(steps=20))  # any thread; never blocks on work
         hr = future.result()                                           # or service.upscale(...) inline
 
-- **Pool.** ``workers`` threads, each owning one ``Upscaler`` (its own engine: onnxruntime sessions on the
-  CPU, with the machine's cores split between workers; on CUDA its own engine and ``CudaGraphSampler``,
+- **Pool.** ``workers`` threads, each owning one ``Upscaler`` (its own engine: by default ``backend="auto"``,
+  OpenVINO bf16 or onnxruntime on the CPU, with the machine's cores split between workers; on CUDA its
+  own engine and ``CudaGraphSampler``,
   whose static buffers must not be shared). Requests are sampled by the runtime's driver, unchanged.
 - **Bounded queue, back-pressure.** At most ``queue_size`` requests wait. When it is full, ``submit``
   either rejects at once (``on_full="reject"``) or waits up to ``block_timeout_s`` for room
@@ -72,9 +73,11 @@ class ServiceConfig:
     block_timeout_s: float = 5.0
     threads_per_worker: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS  # LR pixels per request
-    backend: str = "onnxruntime"
+    backend: str = (
+        "auto"  # esrdf.runtime.backend_choice: OpenVINO bf16 where the CPU has it, else onnxruntime
+    )
     device: str = "cpu"
-    precision: str = "fp32"
+    precision: str | None = None  # None: the backend's best that meets the parity bars
     tile: int | None = None
     overlap: int | None = None
     batch: int | None = None
@@ -89,8 +92,8 @@ class ServiceConfig:
             raise ValueError(f"block_timeout_s must be >= 0, got {self.block_timeout_s}")
 
     def worker_threads(self) -> int | None:
-        """Intra-op threads of each worker's engine (CPU only: CUDA engines take no thread count)."""
-        if self.device != "cpu" or self.backend != "onnxruntime":
+        """Intra-op threads of each worker's engine (CPU engines only; CUDA engines and torch take none)."""
+        if self.device != "cpu" or self.backend not in ("auto", "onnxruntime", "openvino"):
             return None
         if self.threads_per_worker is not None:
             return self.threads_per_worker
