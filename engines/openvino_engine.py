@@ -37,7 +37,7 @@ import numpy as np
 from esrdf.atomic import atomic_path
 from esrdf.runtime.bundle import sha256_file
 from esrdf.runtime.cpu_info import cpu_identity
-from esrdf.runtime.engine import EngineError
+from esrdf.runtime.engine import EngineError, loading_engine_file
 from esrdf.runtime.graph_spec import GRAPH_ROLES, PREDICTOR, STEP, graph_spec
 from esrdf.user_cache import user_cache_dir
 
@@ -108,7 +108,8 @@ class OpenVinoGraph:
             raise EngineError(f"threads must be >= 1, got {threads}")
         self.path, self.role, self.precision, self.threads = path, role, precision, threads
         self.sha256 = sha256_file(path)
-        self._model = shared_core().read_model(os.fspath(path))
+        with loading_engine_file(path):  # a corrupt graph: one line naming the file, as for every engine
+            self._model = shared_core().read_model(os.fspath(path))
         self._check_contract()
         self._lock = threading.Lock()
         self._compiled: dict[Shapes, tuple[Any, queue.SimpleQueue[Any]]] = {}

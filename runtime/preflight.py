@@ -32,14 +32,16 @@ class OutputError(OSError):
 
 
 def resolve_tiling(
-    bundle: Bundle, precision: str, tile: int | None, overlap: int | None, batch: int | None
+    bundle: Bundle, precision: str | None, tile: int | None, overlap: int | None, batch: int | None
 ) -> tuple[int, int, int]:
     """(tile, overlap, batch) for this bundle: the caller's, else the graphs' fixed size, else the export's.
 
-    Default overlap is 1/8 of the tile (8 LR pixels for 64-pixel tiles): work grows as 1/(tile - overlap)^2.
+    ``precision`` names the graphs the engine will read (None: an engine that reads none, the eager torch
+    one). Default overlap is 1/8 of the tile (8 LR pixels for 64-pixel tiles): work grows as
+    1/(tile - overlap)^2.
     """
     manifest = bundle.manifest
-    if precision not in bundle.precisions():
+    if precision is not None and precision not in bundle.precisions():
         raise RunSettingsError(
             f"{bundle.root}: no {precision} graphs in this bundle (it has {', '.join(bundle.precisions())}); "
             f"pass --precision {bundle.precisions()[0] if bundle.precisions() else 'fp32'}"

@@ -84,6 +84,8 @@ class Upscaler:
         self.choice: BackendChoice = resolve_backend(backend, device, precision, self.bundle)
         # OpenVINO's bf16 runs the fp32 graphs; the bundle must hold the graphs the engine reads.
         graphs = "fp32" if self.choice.precision == "bf16" else self.choice.precision
+        if self.choice.backend == "torch":  # the eager engine runs the bundle's weights, not its graphs
+            graphs = None
         # Settings the graphs cannot take fail here, once, before the engine loads (RunSettingsError).
         self.tile, self.overlap, self.batch = resolve_tiling(self.bundle, graphs, tile, overlap, batch)
         with loading_engine_file(self.bundle.root):  # any engine's stray load error: one line
