@@ -4,13 +4,12 @@ parity measured per graph, per-graph precision, the compiled-model cache and its
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from concurrency import assert_threads_match_serial
 
-from esrdf.config import SamplingOptions
 from esrdf.runtime.backend_choice import _cpu_choice, resolve_backend
 from esrdf.runtime.bundle import load_bundle
 from esrdf.runtime.cpu_info import bf16_support
@@ -132,19 +131,7 @@ def test_one_engine_is_safe_across_threads(bundle, astronaut: np.ndarray) -> Non
 
     upscaler = Upscaler(bundle.root, backend="openvino", precision="fp32", threads=1, tile=16, batch=2)
     images = [np.ascontiguousarray(astronaut[40 * i : 40 * i + 24, 100:130]) for i in range(4)]
-    expected = [upscaler(img, SamplingOptions(steps=2, seed=i)) for i, img in enumerate(images)]
-    results: dict[int, np.ndarray] = {}
-
-    def work(i: int) -> None:
-        results[i] = upscaler(images[i], SamplingOptions(steps=2, seed=i))
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for i in range(4):
-        np.testing.assert_array_equal(results[i], expected[i])
+    assert_threads_match_serial(upscaler, images)
 
 
 def test_bad_precisions_and_devices_are_clear(bundle) -> None:

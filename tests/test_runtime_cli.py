@@ -10,13 +10,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from concurrency import assert_threads_match_serial
 from PIL import Image
 
 from esrdf.config import SamplingOptions
@@ -78,19 +78,7 @@ def test_upscaler_numpy_pil_odd_sizes_and_determinism(tiny_bundle, astronaut) ->
 def test_upscaler_is_safe_across_threads(tiny_bundle, astronaut) -> None:
     upscaler = Upscaler(tiny_bundle, threads=1)
     images = [lr_crop(astronaut, 40 * i, 100, 18, 22) for i in range(4)]
-    expected = [upscaler(img, SamplingOptions(steps=2, seed=i)) for i, img in enumerate(images)]
-    results: dict[int, np.ndarray] = {}
-
-    def work(i: int) -> None:
-        results[i] = upscaler(images[i], SamplingOptions(steps=2, seed=i))
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for i in range(4):
-        np.testing.assert_array_equal(results[i], expected[i])
+    assert_threads_match_serial(upscaler, images)
 
 
 def test_unknown_backends_and_devices_are_clear(tiny_bundle) -> None:
